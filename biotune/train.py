@@ -1,0 +1,213 @@
+"""The one trainer every method uses.
+
+A run gets a pretrained model, a dataset held as uint8 tensors, a fine-tuning plan and a seed.
+The plan becomes optimizer param groups at base_lr x multiplier (the multipliers really reach the
+optimizer, unlike the released code); frozen blocks get requires_grad False and, by default, keep
+their BatchNorm statistics. Adam, cosine schedule stepped per epoch, early stopping on validation
+macro accuracy with best-weights restore. A NaN or infinite loss ends the run as "diverged": a
+result, never an exception.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .genome import FineTunePlan
+
+log = logging.getLogger(__name__)
+
+AUX_LOSS_WEIGHT = 0.4  # Inception-v3's auxiliary classifier, as in torchvision's reference recipe
+
+
+@dataclass
+class TrainResult:
+    status: str  # "ok" | "diverged"
+    best_epoch: int  # 0-based; -1 when no epoch finished
+    epochs: int  # epochs run
+    val: dict  # validation metrics at the best epoch: macro_acc, top1, loss
+    history: list = field(default_factory=list)  # one dict per epoch
+    seconds: float = 0.0
+    train_images: int = 0  # training images processed (for images per second)
+    trainable_params: int = 0
+    net: torch.nn.Module | None = None  # the best-validation network, when asked for
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use device=cpu or auto")
+    return device
+
+
+def plan_param_groups(net: torch.nn.Module, blocks, plan: FineTunePlan, base_lr: float) -> list[dict]:
+    """Set requires_grad per the plan and return one param group per trained block.
+
+    Each group carries ``lr = base_lr * multiplier`` and ``lr_scale`` (MAE-style), so any
+    scheduler scales every block's rate and the genome's ratios survive.
+    """
+    params = dict(net.named_parameters())
+    groups = []
+    for block in blocks:
+        scale = plan.multipliers.get(block.name)
+        for name in block.param_names:
+            params[name].requires_grad_(scale is not None)
+        if scale is not None:
+            groups.append({"params": [params[n] for n in block.param_names], "lr": base_lr * scale,
+                           "lr_scale": scale, "name": block.name})
+    return groups
+
+
+def fresh_net(model, seed: int) -> torch.nn.Module:
+    """A copy of the pretrained network with its new head initialised from ``seed``."""
+    net = copy.deepcopy(model.net)
+    torch.manual_seed(seed)
+    for module in _modules_of(net, model, model.blocks[-1].name):
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+    return net
+
+
+def set_train_mode(net: torch.nn.Module, frozen_modules: list, frozen_bn: str) -> None:
+    """Train mode, except BatchNorm layers of frozen blocks when frozen_bn == "eval"."""
+    net.train()
+    if frozen_bn == "eval":
+        for module in frozen_modules:
+            for sub in module.modules():
+                if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+                    sub.eval()
+
+
+def _logits_and_loss(net, images, labels):
+    out = net(images)
+    if isinstance(out, tuple):  # Inception-v3 in train mode: (logits, aux_logits)
+        logits, aux = out
+        loss = F.cross_entropy(logits, labels)
+        if aux is not None:
+            loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux, labels)
+        return logits, loss
+    return out, F.cross_entropy(out, labels)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=amp and device.type == "cuda")
+
+
+def _batches(split, index: torch.Tensor, batch_size: int, dataset, device, memory_format):
+    for start in range(0, len(index), batch_size):
+        chunk = index[start:start + batch_size]
+        images = split.images[chunk].to(device, non_blocking=True)
+        images = dataset.normalize(images).contiguous(memory_format=memory_format)
+        yield images, split.labels[chunk].to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(net, dataset, split_name: str, index=None, *, batch_size: int = 256,
+             device: torch.device | None = None, amp: bool = True) -> dict:
+    """Macro accuracy (mean per-class recall, the paper's accuracy), top-1 and mean loss."""
+    device = device or next(net.parameters()).device
+    split = getattr(dataset, split_name)
+    index = torch.arange(len(split.labels)) if index is None else torch.as_tensor(index)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    net.eval()
+    predictions, loss_sum = [], 0.0
+    for images, labels in _batches(split, index, batch_size, dataset, device, memory_format):
+        with _autocast(device, amp):
+            logits = net(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        predictions.append(logits.argmax(1).cpu())
+    predicted = torch.cat(predictions).numpy()
+    truth = split.labels[index].numpy()
+    return {
+        "macro_acc": float(balanced_accuracy_score(truth, predicted)),
+        "top1": float((predicted == truth).mean()),
+        "loss": loss_sum / max(1, len(index)),
+    }
+
+
+def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *,
+          train_idx=None, val_idx=None, keep_net: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune a fresh copy of ``model`` per ``plan``; return the best-validation result."""
+    if plan.is_empty:
+        raise ValueError("the plan trains no block; a genome with no trained block is not trained "
+                         "(its fitness is the worst value)")
+    device = resolve_device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    started = time.perf_counter()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    net = fresh_net(model, seed).to(device, memory_format=memory_format)
+    groups = plan_param_groups(net, model.blocks, plan, cfg.base_lr)
+    frozen = [m for name in plan.frozen for m in _modules_of(net, model, name)]
+    optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.cosine_t_max)
+    order = torch.Generator().manual_seed(seed)
+    train_idx = torch.arange(len(dataset.train.labels)) if train_idx is None else torch.as_tensor(train_idx)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+
+    result = TrainResult(status="ok", best_epoch=-1, epochs=0, val={}, trainable_params=trainable)
+    best_state, best_score, waited = None, -math.inf, 0
+    epochs = tqdm(range(cfg.max_epochs), desc="epochs", leave=False, disable=not progress)
+    for epoch in epochs:
+        set_train_mode(net, frozen, cfg.frozen_bn)
+        shuffled = train_idx[torch.randperm(len(train_idx), generator=order)]
+        loss_sum = 0.0
+        for images, labels in _batches(dataset.train, shuffled, cfg.batch_size, dataset, device, memory_format):
+            with _autocast(device, cfg.amp):
+                _, loss = _logits_and_loss(net, images, labels)
+            if not torch.isfinite(loss):
+                log.warning("loss became %s at epoch %d (seed %d): run recorded as diverged", loss.item(), epoch, seed)
+                result.status = "diverged"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            result.train_images += len(labels)
+        if result.status == "diverged":
+            break
+        scheduler.step()
+        val = evaluate(net, dataset, "val", val_idx, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp)
+        if not math.isfinite(val["loss"]):
+            result.status = "diverged"
+            break
+        base_lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
+        result.history.append({"epoch": epoch, "train_loss": loss_sum / len(train_idx), "base_lr": base_lr_now,
+                               **{f"val_{k}": v for k, v in val.items()}})
+        result.epochs = epoch + 1
+        epochs.set_postfix(val_macro=f"{val['macro_acc']:.3f}")
+        if val["macro_acc"] > best_score + cfg.min_delta:
+            best_score, result.best_epoch, result.val, waited = val["macro_acc"], epoch, val, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    epochs.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    result.seconds = time.perf_counter() - started
+    if keep_net:
+        result.net = net
+    return result
+
+
+def _modules_of(net, model, block_name: str) -> list:
+    modules = dict(net.named_modules())
+    return [modules[m] for m in model.block(block_name).modules]
