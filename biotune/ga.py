@@ -1,0 +1,348 @@
+"""BioTune's evolutionary loop on DEAP (biotune.md §5 and §6).
+
+DEAP supplies the individuals, fitness, statistics, logbook and hall of fame; BioTune's own
+operators (rank selection over a shrinking mating pool, blend crossover, extinction-driven
+mutation, adoption, momentum, elite exploitation) are small functions below, each testable on
+its own. All GA randomness comes from one ``random.Random`` whose state goes into the checkpoint
+written after initialisation and after every generation, so a resumed run draws what an
+uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deap import base, creator, tools
+from tqdm.auto import tqdm
+
+from .config import GAConfig
+
+log = logging.getLogger(__name__)
+
+if not hasattr(creator, "BioTuneFitness"):
+    creator.create("BioTuneFitness", base.Fitness, weights=(-1.0,))
+if not hasattr(creator, "BioTuneIndividual"):
+    # extinction: probability driving mutation; momentum: per-gene velocity; fold: where fitness was measured
+    creator.create("BioTuneIndividual", list, fitness=creator.BioTuneFitness, extinction=float,
+                   momentum=list, fold=int)
+
+Evaluate = Callable[..., float]  # evaluate(genes, *, fold, generation, individual, role) -> fitness
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators
+
+
+def rank_weights(n: int) -> list[int]:
+    """How many of the n(n+3)/2 equally likely draws each rank owns (rank 0 = best).
+
+    Rank 0 owns n+2 values, rank k then the next n-k+1, the last rank what is left:
+    n=10 -> 12,10,9,8,7,6,5,4,3,1 (sum 65).
+    """
+    total = n * (n + 3) // 2
+    weights = [n + 2] + [n - k + 1 for k in range(1, n - 1)]
+    return weights + [total - sum(weights)]
+
+
+def rank_select(n: int, rng: random.Random) -> int:
+    draw = rng.randrange(n * (n + 3) // 2)
+    for rank, weight in enumerate(rank_weights(n)):
+        if draw < weight:
+            return rank
+        draw -= weight
+    return n - 1
+
+
+def clip(genes: list[float]) -> list[float]:
+    return [min(1.0, max(0.0, g)) for g in genes]
+
+
+def crossover(p1, p2, rng: random.Random) -> tuple[list[float], list[float]]:
+    """Per-gene blend child = r*p1 + (1-r)*p2; momentum = U*p1.m + U*p2.m."""
+    genes = []
+    for a, b in zip(p1, p2):
+        r = rng.random()
+        genes.append(r * a + (1 - r) * b)
+    momentum = [rng.random() * a + rng.random() * b for a, b in zip(p1.momentum, p2.momentum)]
+    return genes, momentum
+
+
+def mutation_rate(q: float, num_genes: int) -> float:
+    return (q * (num_genes - 1) + 1) / num_genes
+
+
+def mutate(genes: list[float], q: float, rng: random.Random) -> list[float]:
+    """Each gene mutates with probability mutation_rate(q, G) by U(-1, 1) * q."""
+    rate = mutation_rate(q, len(genes))
+    return clip([g + rng.uniform(-1, 1) * q if rng.random() < rate else g for g in genes])
+
+
+def adopt(genes: list[float], p1, p2, prototype, rng: random.Random) -> list[float]:
+    """child += l*a*(mean(p1, p2) - child) + (1-l)*b*(prototype - child)."""
+    a, b, lam = rng.random(), rng.random(), rng.random()
+    return clip([g + lam * a * ((x + y) / 2 - g) + (1 - lam) * b * (z - g)
+                 for g, x, y, z in zip(genes, p1, p2, prototype)])
+
+
+def extinction_probabilities(fitnesses: list[float]) -> list[float] | None:
+    """p_i = (f_i + f_min*(i/(N-1) - 1)) / f_max for fitnesses sorted best first; None when all equal."""
+    n, f_min, f_max = len(fitnesses), min(fitnesses), max(fitnesses)
+    if not f_max > f_min:
+        return None
+    return [(f + f_min * (i / (n - 1) - 1)) / f_max for i, f in enumerate(fitnesses)]
+
+
+def trained_genes(genes: list[float], num_blocks: int, encoding: str) -> list[int]:
+    if encoding == "no_freezing":
+        return list(range(num_blocks))
+    return [i for i in range(num_blocks) if genes[i] > genes[-1]]
+
+
+def random_genome(num_genes: int, num_blocks: int, encoding: str, rng: random.Random) -> list[float]:
+    """Uniform in [0,1]^G, redrawn while no block would be trained."""
+    while True:
+        genes = [rng.random() for _ in range(num_genes)]
+        if trained_genes(genes, num_blocks, encoding):
+            return genes
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class GAResult:
+    best_genes: list[float]
+    best_fitness: float
+    logbook: list[dict] = field(default_factory=list)
+    evaluations: int = 0
+
+
+def _individual(genes, fitness, *, fold, extinction=0.0, momentum=None):
+    ind = creator.BioTuneIndividual(genes)
+    ind.fitness.values = (fitness,)
+    ind.fold, ind.extinction = fold, extinction
+    ind.momentum = list(momentum) if momentum is not None else [0.0] * len(genes)
+    return ind
+
+
+def _fitness(ind) -> float:
+    return ind.fitness.values[0]
+
+
+def _set_extinction(population: list, variant_allows: bool = True) -> None:
+    probabilities = extinction_probabilities([_fitness(i) for i in population]) if variant_allows else None
+    if probabilities is not None:
+        for ind, p in zip(population, probabilities):
+            ind.extinction = p
+
+
+def _statistics() -> tools.Statistics:
+    stats = tools.Statistics(key=_fitness)
+    stats.register("best", min)
+    stats.register("mean", statistics.fmean)
+    stats.register("std", statistics.pstdev)
+    stats.register("worst", max)
+    return stats
+
+
+def gene_diversity(population: list) -> float:
+    """Mean over genes of the population's standard deviation of that gene."""
+    return statistics.fmean(statistics.pstdev(column) for column in zip(*population))
+
+
+class BioTuneGA:
+    """Runs §5 with a checkpoint after initialisation and after every generation."""
+
+    def __init__(self, evaluate: Evaluate, *, num_blocks: int, num_genes: int, config: GAConfig,
+                 n_folds: int, checkpoint_path: str | Path, progress: bool = True):
+        if config.elites >= config.population:
+            raise ValueError(f"elites ({config.elites}) must be fewer than the population ({config.population})")
+        self.evaluate, self.cfg = evaluate, config
+        self.num_blocks, self.num_genes, self.n_folds = num_blocks, num_genes, n_folds
+        self.checkpoint_path = Path(checkpoint_path)
+        self.progress = progress
+        self.improved = config.ga_variant == "improved"
+        self.rng = random.Random(config.seed)
+        random.seed(config.seed)  # DEAP's own helpers draw from the module-level generator
+        self.population: list = []
+        self.hall_of_fame = tools.HallOfFame(1)
+        self.logbook = tools.Logbook()
+        self.stats = _statistics()
+        self.next_generation = 0
+        self.evaluations = 0
+
+    # -- evaluation helpers --------------------------------------------------------------------
+    def _score(self, genes, *, fold, generation, individual, role) -> float:
+        self.evaluations += 1
+        return self.evaluate(clip(genes), fold=fold, generation=generation, individual=individual, role=role)
+
+    def _random_individual(self, *, fold, generation, individual, role) -> object:
+        genes = random_genome(self.num_genes, self.num_blocks, self.cfg.encoding, self.rng)
+        return _individual(genes, self._score(genes, fold=fold, generation=generation,
+                                              individual=individual, role=role), fold=fold)
+
+    # -- §5 steps ------------------------------------------------------------------------------
+    def initialise(self) -> None:
+        self.population = [self._random_individual(fold=0, generation=-1, individual=i, role="init")
+                           for i in range(self.cfg.population)]
+        self.population.sort(key=_fitness)
+        _set_extinction(self.population, variant_allows=self.improved)  # released code: all stay 0
+        self._record(generation=-1, fold=0)
+
+    def _rescore_elites(self, generation: int, fold: int) -> None:
+        """Improved variant: elites measured on another fold are re-evaluated on this one."""
+        elites = self.population[: self.cfg.elites]
+        for index, elite in enumerate(elites):
+            if elite.fold != fold:
+                elite.fitness.values = (self._score(elite, fold=fold, generation=generation,
+                                                    individual=index, role="rescore"),)
+                elite.fold = fold
+        self.population[: self.cfg.elites] = sorted(elites, key=_fitness)
+
+    def _exploit(self, generation: int, fold: int) -> None:
+        """Each elite tries g_i +/- d on one trained gene and keeps the better only if it improves."""
+        for index, elite in enumerate(self.population[: self.cfg.elites]):
+            # a trained block gene; an elite that trains nothing (all fitnesses worst) tries any block gene
+            candidates = trained_genes(list(elite), self.num_blocks, self.cfg.encoding) or range(self.num_blocks)
+            gene = self.rng.choice(candidates)
+            step = self.cfg.exploit_step * self.rng.uniform(-1, 1)
+            trials = []
+            for value in (elite[gene] + step, elite[gene] - step):
+                genes = list(elite)
+                genes[gene] = value
+                trials.append((self._score(genes, fold=fold, generation=generation, individual=index,
+                                           role="exploit"), value))
+            fitness, value = min(trials, key=lambda t: t[0])
+            if fitness < _fitness(elite):
+                elite[gene] = min(1.0, max(0.0, value)) if self.improved else value  # released: unclipped
+                elite.fitness.values = (fitness,)
+                elite.fold = fold
+
+    def _child(self, pool: list, generation: int, fold: int, index: int):
+        n = len(pool)
+        first = rank_select(n, self.rng)
+        second = rank_select(n, self.rng)
+        while second == first:
+            second = rank_select(n, self.rng)
+        p1, p2, prototype = pool[first], pool[second], pool[rank_select(n, self.rng)]
+        genes, momentum = crossover(p1, p2, self.rng)
+        after_crossover = list(genes)
+        genes = mutate(genes, (p1.extinction + p2.extinction) / 2, self.rng)
+        genes = adopt(genes, p1, p2, prototype, self.rng)
+        momentum = [self.rng.random() * m + (g - c) for m, g, c in zip(momentum, genes, after_crossover)]
+        if self.cfg.momentum:
+            genes = clip([g + m for g, m in zip(genes, momentum)])
+        child = _individual(genes, self._score(genes, fold=fold, generation=generation, individual=index,
+                                               role="child"), fold=fold, momentum=momentum)
+        for parent in (p1, p2):
+            if _fitness(parent) > _fitness(child):
+                pool.remove(parent)
+        return child
+
+    def generation(self, t: int) -> None:
+        fold = t % self.n_folds
+        if self.improved:
+            self._rescore_elites(t, fold)
+        self._exploit(t, fold)
+        new_population = [self.population[i] for i in range(self.cfg.elites)]
+        pool = list(self.population)
+        while len(new_population) < self.cfg.population:
+            index = len(new_population)
+            if len(pool) > 2:
+                new_population.append(self._child(pool, t, fold, index))
+            else:
+                new_population.append(self._random_individual(fold=fold, generation=t, individual=index,
+                                                               role="random"))
+        new_population.sort(key=_fitness)
+        _set_extinction(new_population)
+        self.population = new_population
+        self._record(generation=t, fold=fold)
+
+    def _record(self, generation: int, fold: int) -> None:
+        self.hall_of_fame.update(self.population)
+        self.logbook.record(generation=generation, fold=fold, evaluations=self.evaluations,
+                            best_so_far=_fitness(self.hall_of_fame[0]),
+                            diversity=gene_diversity(self.population), **self.stats.compile(self.population))
+        self.next_generation = generation + 1
+        self._save_checkpoint()
+
+    def run(self) -> GAResult:
+        if self.next_generation == 0 and not self.population:
+            self.initialise()
+        generations = tqdm(range(self.next_generation, self.cfg.generations), desc="generations",
+                           initial=self.next_generation, total=self.cfg.generations, disable=not self.progress)
+        for t in generations:
+            self.generation(t)
+            generations.set_postfix(best=f"{_fitness(self.hall_of_fame[0]):.4f}")
+        best = self.hall_of_fame[0]
+        return GAResult(best_genes=list(best), best_fitness=_fitness(best), logbook=list(self.logbook),
+                        evaluations=self.evaluations)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        def plain(ind):
+            return {"genes": list(ind), "fitness": _fitness(ind), "fold": ind.fold,
+                    "extinction": ind.extinction, "momentum": list(ind.momentum)}
+
+        return {
+            "next_generation": self.next_generation,
+            "evaluations": self.evaluations,
+            "evaluator_seq": getattr(self.evaluate, "seq", None),
+            "population": [plain(i) for i in self.population],
+            "hall_of_fame": [plain(i) for i in self.hall_of_fame],
+            "logbook": list(self.logbook),
+            "rng": _rng_to_json(self.rng.getstate()),
+            "global_rng": _rng_to_json(random.getstate()),
+        }
+
+    def _save_checkpoint(self) -> None:
+        """Write the state atomically: a temporary file, flushed to disk, then renamed over the old one."""
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.checkpoint_path.with_suffix(".tmp")
+        with open(temporary, "w") as handle:
+            json.dump(self.state(), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.checkpoint_path)
+
+    def restore(self) -> bool:
+        """Load the last checkpoint if there is one; return whether it existed."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = json.loads(self.checkpoint_path.read_text())
+
+        def individual(d):
+            return _individual(d["genes"], d["fitness"], fold=d["fold"], extinction=d["extinction"],
+                               momentum=d["momentum"])
+
+        self.population = [individual(d) for d in state["population"]]
+        self.hall_of_fame.clear()
+        self.hall_of_fame.update([individual(d) for d in state["hall_of_fame"]])
+        self.logbook = tools.Logbook()
+        for record in state["logbook"]:
+            self.logbook.record(**record)
+        self.next_generation = state["next_generation"]
+        self.evaluations = state["evaluations"]
+        if state["evaluator_seq"] is not None:
+            self.evaluate.seq = state["evaluator_seq"]
+        self.rng.setstate(_rng_from_json(state["rng"]))
+        random.setstate(_rng_from_json(state["global_rng"]))
+        log.info("resumed from %s at generation %d", self.checkpoint_path, self.next_generation)
+        return True
+
+
+def _rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

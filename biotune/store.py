@@ -1,0 +1,209 @@
+"""The run store: one SQLite file holding runs, every evaluation, the evaluation cache and results.
+
+Each evaluation is committed the moment it finishes, so a crash, a kill -9 or Ctrl-C never loses
+one; a resumed run replays its search and takes finished evaluations from here (by sequence
+number) instead of training again. SQLite's WAL journal keeps readers (a notebook, ``biotune
+runs``) from blocking the writer.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,          -- search | baseline
+    method      TEXT NOT NULL,          -- biotune | random | tpe | cmaes | full | linear_probe | ...
+    dataset     TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    preset      TEXT NOT NULL,
+    status      TEXT NOT NULL,          -- running | finished | failed | interrupted
+    config      TEXT NOT NULL,          -- resolved config (JSON)
+    meta        TEXT NOT NULL,          -- git commit, versions, device (JSON)
+    started_at  REAL NOT NULL,
+    finished_at REAL,
+    result      TEXT                    -- best genome, fitness, budget (JSON)
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    run_id      TEXT NOT NULL REFERENCES runs(run_id),
+    seq         INTEGER NOT NULL,       -- order of the evaluation within the run
+    generation  INTEGER NOT NULL,       -- -1: initial population
+    individual  INTEGER NOT NULL,
+    role        TEXT NOT NULL,          -- init | rescore | exploit | child | random | trial
+    fold        INTEGER NOT NULL,
+    genes       TEXT NOT NULL,          -- JSON list
+    trained     TEXT NOT NULL,          -- JSON 0/1 mask per block
+    multipliers TEXT NOT NULL,          -- JSON block -> lr multiplier (trained blocks)
+    status      TEXT NOT NULL,          -- ok | diverged | no_trained_block
+    fitness     REAL NOT NULL,
+    val_macro_acc REAL, val_top1 REAL, val_loss REAL,  -- means over seeds
+    per_seed    TEXT NOT NULL,          -- JSON list: seed, metrics, epochs, seconds, status
+    train_runs  INTEGER NOT NULL,       -- training runs spent (0 for a cache hit)
+    cache_hit   INTEGER NOT NULL,
+    seconds     REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE IF NOT EXISTS cache (
+    run_id  TEXT NOT NULL,
+    key     TEXT NOT NULL,              -- fold, seeds, training preset, decoded plan (4 decimals)
+    value   TEXT NOT NULL,              -- JSON: fitness, status, metrics, per_seed
+    PRIMARY KEY (run_id, key)
+);
+CREATE TABLE IF NOT EXISTS finals (
+    run_id      TEXT NOT NULL REFERENCES runs(run_id),
+    method      TEXT NOT NULL,
+    seed        INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    test_macro_acc REAL, test_top1 REAL, test_loss REAL,
+    val_macro_acc REAL, best_epoch INTEGER, epochs INTEGER,
+    trainable_share REAL NOT NULL,
+    seconds     REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (run_id, method, seed)
+);
+"""
+
+JSON_COLUMNS = ("genes", "trained", "multipliers", "per_seed")
+
+
+class RunNotFoundError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class RunStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextmanager
+    def _write(self):
+        with self.db:  # one transaction, committed on exit
+            yield self.db
+
+    # runs ------------------------------------------------------------------------------------
+    def create_run(self, run_id: str, *, kind: str, method: str, config: dict, meta: dict) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO runs (run_id, kind, method, dataset, model, preset, status, config, meta, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+                (run_id, kind, method, config["data"]["dataset"], config["model"]["name"], config["preset"],
+                 json.dumps(config), json.dumps(meta), time.time()),
+            )
+
+    def run(self, run_id: str) -> dict:
+        row = self.db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            known = [r[0] for r in self.db.execute("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5")]
+            raise RunNotFoundError(
+                f"no run {run_id!r} in {self.path}; recent runs: {', '.join(known) or 'none'} "
+                "(`biotune runs` lists them all; --store picks another store file)"
+            )
+        run = dict(row)
+        for key in ("config", "meta", "result"):
+            run[key] = json.loads(run[key]) if run[key] else None
+        return run
+
+    def set_status(self, run_id: str, status: str, result: dict | None = None) -> None:
+        with self._write() as db:
+            if result is None:
+                db.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, run_id))
+            else:
+                db.execute("UPDATE runs SET status = ?, result = ?, finished_at = ? WHERE run_id = ?",
+                           (status, json.dumps(result), time.time(), run_id))
+
+    def runs(self) -> pd.DataFrame:
+        frame = pd.read_sql_query(
+            "SELECT r.run_id, r.kind, r.method, r.dataset, r.model, r.preset, r.status, r.started_at,"
+            " r.finished_at, COUNT(e.seq) AS evaluations, COALESCE(SUM(e.train_runs), 0) AS train_runs,"
+            " MIN(e.fitness) AS best_fitness FROM runs r LEFT JOIN evaluations e ON e.run_id = r.run_id"
+            " GROUP BY r.run_id ORDER BY r.started_at", self.db)
+        for column in ("started_at", "finished_at"):
+            frame[column] = pd.to_datetime(frame[column], unit="s")
+        return frame
+
+    # evaluations -----------------------------------------------------------------------------
+    def add_evaluation(self, run_id: str, row: dict) -> None:
+        values = {k: (json.dumps(v) if k in JSON_COLUMNS else v) for k, v in row.items()}
+        values.update(run_id=run_id, finished_at=time.time())
+        columns = ", ".join(values)
+        with self._write() as db:
+            db.execute(f"INSERT INTO evaluations ({columns}) VALUES ({', '.join('?' * len(values))})",
+                       list(values.values()))
+
+    def evaluation(self, run_id: str, seq: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM evaluations WHERE run_id = ? AND seq = ?", (run_id, seq)).fetchone()
+        return _decode(dict(row)) if row else None
+
+    def evaluations(self, run_id: str | None = None) -> pd.DataFrame:
+        """One row per evaluation (tidy); JSON columns decoded to Python objects."""
+        query, args = "SELECT * FROM evaluations", ()
+        if run_id is not None:
+            self.run(run_id)
+            query, args = query + " WHERE run_id = ?", (run_id,)
+        frame = pd.read_sql_query(query + " ORDER BY run_id, seq", self.db, params=args)
+        for column in JSON_COLUMNS:
+            frame[column] = frame[column].map(json.loads)
+        frame["cache_hit"] = frame["cache_hit"].astype(bool)
+        return frame
+
+    # cache -----------------------------------------------------------------------------------
+    def cached(self, run_id: str, key: str) -> dict | None:
+        row = self.db.execute("SELECT value FROM cache WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def add_cached(self, run_id: str, key: str, value: dict) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO cache (run_id, key, value) VALUES (?, ?, ?)",
+                       (run_id, key, json.dumps(value)))
+
+    # final protocol --------------------------------------------------------------------------
+    def add_final(self, run_id: str, row: dict) -> None:
+        values = dict(row, run_id=run_id, finished_at=time.time())
+        with self._write() as db:
+            db.execute(f"INSERT OR REPLACE INTO finals ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                       list(values.values()))
+
+    def finals(self, run_id: str | None = None) -> pd.DataFrame:
+        query, args = "SELECT * FROM finals", ()
+        if run_id is not None:
+            query, args = query + " WHERE run_id = ?", (run_id,)
+        return pd.read_sql_query(query + " ORDER BY run_id, method, seed", self.db, params=args)
+
+    def export_csv(self, run_id: str, folder: str | Path) -> list[Path]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, frame in (("evaluations", self.evaluations(run_id)), ("final", self.finals(run_id))):
+            if len(frame):
+                path = folder / f"{name}.csv"
+                frame.to_csv(path, index=False)
+                written.append(path)
+        return written
+
+
+def _decode(row: dict) -> dict:
+    for column in JSON_COLUMNS:
+        row[column] = json.loads(row[column])
+    return row
