@@ -1,0 +1,45 @@
+# biotune: `make help` lists the targets. Every target does the set-up it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PRESET ?= cpu
+DEVICE ?= auto
+export HF_HUB_OFFLINE ?= 1
+export PYTHONHASHSEED ?= 0
+
+.PHONY: help setup data test test-fast demo lint bench clean
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,notebooks]'
+	$(BIN)/python -m ipykernel install --user --name biotune --display-name "Python (biotune)" >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP) data  ## .venv with pinned packages, the `biotune` Jupyter kernel, offline data
+
+data:  ## install the offline default dataset (Debian's Fashion-MNIST) where apt can run
+	@bash scripts/install_data.sh
+
+test: setup  ## the whole test suite (CPU, offline)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## tests not marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: setup  ## small search + final protocol vs full FT and linear probing (a few minutes on 2 cores)
+	$(BIN)/biotune demo
+
+bench: setup  ## seconds per fitness evaluation and images per second (PRESET=cpu)
+	$(BIN)/biotune bench --preset $(PRESET) --train.device $(DEVICE)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check biotune tests
+
+clean:  ## remove the virtual environment and caches (keeps data/ and results/)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

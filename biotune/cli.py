@@ -1,0 +1,157 @@
+"""The ``biotune`` command line: a thin layer over the library (the only place that prints)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import pandas as pd
+
+from . import config as cfg
+
+PRESETS = list(cfg.PRESETS)
+
+
+def _overrides(tokens: list[str]) -> list[str]:
+    """``--ga.population 8`` / ``--ga.population=8`` -> ``ga.population=8``; anything else is an error."""
+    pairs, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or "." not in token.split("=")[0]:
+            raise SystemExit(f"biotune: unrecognised argument {token!r}; config overrides look like "
+                             "--section.key VALUE, e.g. --ga.population 8")
+        if "=" in token:
+            pairs.append(token[2:])
+            i += 1
+        elif i + 1 < len(tokens):
+            pairs.append(f"{token[2:]}={tokens[i + 1]}")
+            i += 2
+        else:
+            raise SystemExit(f"biotune: {token} needs a value")
+    return pairs
+
+
+def _print_table(frame: pd.DataFrame) -> None:
+    with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 200):
+        print(frame.to_string(index=False))
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *, dataset_default=None) -> None:
+    parser.add_argument("--dataset", default=dataset_default, help="dataset name (biotune datasets)")
+    parser.add_argument("--model", help="model name (biotune models) or any timm model name")
+    parser.add_argument("--preset", default="cpu", choices=PRESETS)
+    parser.add_argument("--config", help="YAML file with sections data/model/train/ga")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="biotune", description="BioTune: evolutionary selective fine-tuning of pretrained CNNs.",
+        epilog="Config overrides: any --section.key VALUE, e.g. --ga.population 8 --train.seeds [1,2]")
+    parser.add_argument("--store", help="run store (SQLite file); default results/runs.sqlite")
+    parser.add_argument("--results-dir", help="folder for run folders (default results/)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("datasets", help="list dataset names")
+    sub.add_parser("models", help="list registered model names")
+    describe = sub.add_parser("describe", help="a model's blocks: name, parameters, share")
+    describe.add_argument("model")
+    describe.add_argument("--num-classes", type=int, default=1000)
+
+    search = sub.add_parser("search", help="run a BioTune search (or --resume one)")
+    _add_run_options(search)
+    search.add_argument("--resume", metavar="RUN_ID", help="continue a killed or interrupted run")
+    search.add_argument("--final", action="store_true", help="run the final protocol after the search")
+
+    final = sub.add_parser("final", help="final protocol (§7) for a finished search")
+    final.add_argument("run_id")
+    final.add_argument("--quiet", action="store_true")
+
+    baseline = sub.add_parser("baseline", help="a baseline through the same final protocol")
+    baseline.add_argument("--method", required=True)
+    _add_run_options(baseline)
+
+    sub.add_parser("runs", help="list runs with their status")
+    compare = sub.add_parser("compare", help="one table for several runs")
+    compare.add_argument("run_ids", nargs="+")
+
+    demo = sub.add_parser("demo", help="small search + final protocol vs full FT and linear probing")
+    demo.add_argument("--preset", default="demo", choices=PRESETS)
+    demo.add_argument("--quiet", action="store_true")
+
+    bench = sub.add_parser("bench", help="seconds per fitness evaluation and training images per second")
+    bench.add_argument("--preset", default="cpu", choices=PRESETS)
+    bench.add_argument("--evaluations", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if rest and args.command not in ("search", "baseline", "bench"):
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    overrides = _overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
+    try:
+        return _run(args, overrides)
+    except (cfg.ConfigError, ValueError, KeyError, FileNotFoundError) as error:
+        print(f"biotune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("biotune: interrupted; finished evaluations are kept in the run store", file=sys.stderr)
+        return 130
+
+
+def _run(args, overrides: list[str]) -> int:
+    from . import experiment
+    from .data import list_datasets
+    from .genome import recipe_table
+    from .models import create_model, list_models
+    from .store import RunStore
+
+    progress = not getattr(args, "quiet", False)
+    if args.command == "datasets":
+        print("\n".join(list_datasets()))
+    elif args.command == "models":
+        print("\n".join(list_models()))
+        print("(and any timm model name, blocks from its stage grouping)")
+    elif args.command == "describe":
+        model = create_model(args.model, args.num_classes, weights=None)
+        table = pd.DataFrame(model.describe())
+        table["share"] = (100 * table["share"]).map("{:.2f}%".format)
+        table["params"] = table["params"].map("{:,}".format)
+        print(f"{args.model} with a {args.num_classes}-class head: {model.num_params:,} parameters "
+              f"in {len(model.blocks)} blocks")
+        _print_table(table)
+    elif args.command == "search":
+        result = experiment.search(args.dataset, args.model, args.preset, config_file=args.config,
+                                   overrides=overrides, resume=args.resume, store=args.store, progress=progress)
+        print(f"run {result.run_id}: best fitness {result.best_fitness:.4f}; outputs in {result.folder}")
+        for block, value in recipe_table(result.recipe).items():
+            print(f"  {block:24s} {value}")
+        if args.final:
+            _print_table(experiment.final(result.run_id, store=args.store, progress=progress))
+    elif args.command == "final":
+        _print_table(experiment.final(args.run_id, store=args.store, progress=progress))
+    elif args.command == "baseline":
+        run_id, finals = experiment.run_baseline(args.method, args.dataset, args.model, args.preset,
+                                                 config_file=args.config, overrides=overrides,
+                                                 store=args.store, progress=progress)
+        print(f"run {run_id}")
+        _print_table(finals)
+    elif args.command == "runs":
+        with RunStore(args.store or cfg.Config().store_path) as store:
+            _print_table(store.runs())
+    elif args.command == "compare":
+        _print_table(experiment.compare(args.run_ids, store=args.store))
+    elif args.command == "demo":
+        table, folder = experiment.demo(preset=args.preset, store=args.store, progress=progress)
+        _print_table(table)
+        print(f"convergence figure and tables: {folder}")
+    elif args.command == "bench":
+        from .bench import run_bench
+
+        _print_table(run_bench(preset=args.preset, evaluations=args.evaluations, overrides=overrides))
+    return 0

@@ -1,0 +1,324 @@
+"""Runs end to end: a search, the final protocol (§7), baselines, their outputs and comparisons.
+
+Everything a run computes goes to the run store as it finishes; the run folder
+``results/<run_id>/`` receives the resolved config, metadata, tidy CSV tables, the recipe,
+the final results and a convergence figure (biotune.md §9).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from . import config as cfg
+from .data import load_dataset, make_folds
+from .fitness import Evaluator
+from .ga import BioTuneGA, GAResult
+from .genome import FineTunePlan, decode, make_recipe, num_genes, recipe_table, save_recipe
+from .methods import METHODS
+from .models import create_model, model_preprocess
+from .plots import convergence
+from .store import RunStore
+from .train import evaluate, resolve_device, train
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "torchvision", "timm", "deap", "numpy", "scikit-learn", "pandas", "optuna", "peft",
+            "biotune")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run bookkeeping
+
+
+def new_run_id(method: str, dataset: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-{dataset}-{secrets.token_hex(2)}"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata(device_name: str) -> dict:
+    """Git commit and dirty flag, package versions, device: stored with every run."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        import torch
+
+        device_label = torch.cuda.get_device_name(device)
+    else:
+        device_label = platform.processor() or platform.machine()
+    status = _git("status", "--porcelain")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": device_label,
+        "command": sys.argv,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_dir(config: cfg.Config, run_id: str) -> Path:
+    path = Path(config.results_dir) / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str))
+
+
+def load_inputs(config: cfg.Config):
+    """The dataset (preprocessed once for the model) and the pretrained model with its new head."""
+    preprocess = model_preprocess(config.model.name)
+    if config.data.image_size:
+        preprocess = preprocess.at_size(config.data.image_size)
+    data = config.data
+    dataset = load_dataset(data.dataset, preprocess, root=data.root, download=data.download,
+                           max_train=data.max_train, max_val=data.max_val, max_test=data.max_test,
+                           val_fraction=data.val_fraction, seed=data.split_seed, **data.options)
+    model = create_model(config.model.name, dataset.num_classes, weights=config.model.weights,
+                         allow_download=config.model.allow_download)
+    return model, dataset
+
+
+def _overrides(dataset, model, overrides, store) -> dict:
+    """Dotted overrides plus the dataset, model and store given as their own arguments."""
+    extra = cfg.parse_overrides(overrides or [])
+    if dataset is not None:
+        extra.setdefault("data", {})["dataset"] = dataset
+    if model is not None:
+        extra.setdefault("model", {})["name"] = model
+    if store is not None:
+        extra["store"] = str(store)
+    return extra
+
+
+def _start_run(config: cfg.Config, store: RunStore, *, kind: str, method: str) -> tuple[str, Path]:
+    run_id = new_run_id(method, config.data.dataset)
+    meta = run_metadata(config.train.device)
+    store.create_run(run_id, kind=kind, method=method, config=config.to_dict(), meta=meta)
+    folder = run_dir(config, run_id)
+    _write_json(folder / "config.json", config.to_dict())
+    _write_json(folder / "meta.json", meta)
+    return run_id, folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+
+@dataclass
+class SearchResult:
+    run_id: str
+    folder: Path
+    best_genes: list
+    best_fitness: float
+    recipe: dict
+    evaluations: pd.DataFrame
+    generations: pd.DataFrame
+
+    def __repr__(self) -> str:
+        return (f"SearchResult(run_id={self.run_id!r}, best_fitness={self.best_fitness:.4f}, "
+                f"recipe={recipe_table(self.recipe)})")
+
+
+def search(dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
+           config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
+           resume: str | None = None, store: str | Path | None = None, progress: bool = True) -> SearchResult:
+    """Run (or resume) a BioTune search and write its outputs; returns the best recipe.
+
+    ``biotune.search("digits", "tf_efficientnet_lite0", preset="cpu", overrides={"ga.population": 8})``
+    """
+    if resume is not None:
+        config, store_obj = _resumed_config(resume, store)
+        run_id, folder = resume, run_dir(config, resume)
+        store_obj.set_status(run_id, "running")
+    else:
+        config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
+        store_obj = RunStore(config.store_path)
+        run_id, folder = _start_run(config, store_obj, kind="search", method="biotune")
+    log.info("run %s: results in %s, store %s", run_id, folder, config.store_path)
+
+    model_obj, dataset_obj = load_inputs(config)
+    folds = make_folds(dataset_obj.train.labels, dataset_obj.val.labels, config.ga.train_split,
+                       seed=config.data.split_seed)
+    evaluator = Evaluator(model=model_obj, dataset=dataset_obj, folds=folds, config=config, store=store_obj,
+                          run_id=run_id, progress=progress)
+    ga = BioTuneGA(evaluator, num_blocks=len(model_obj.blocks),
+                   num_genes=num_genes(len(model_obj.blocks), config.ga.encoding), config=config.ga,
+                   n_folds=len(folds), checkpoint_path=folder / "checkpoint.json", progress=progress)
+    if resume is not None:
+        ga.restore()
+    try:
+        outcome = ga.run()
+    except KeyboardInterrupt:
+        store_obj.set_status(run_id, "interrupted")
+        log.warning("run %s interrupted; finished evaluations are kept: biotune search --resume %s",
+                    run_id, run_id)
+        raise
+    except Exception:
+        store_obj.set_status(run_id, "failed")
+        raise
+    return _finish_search(config, store_obj, run_id, folder, model_obj, outcome)
+
+
+def _resumed_config(run_id: str, store: str | Path | None) -> tuple[cfg.Config, RunStore]:
+    store_obj = RunStore(store or cfg.Config().store_path)
+    run = store_obj.run(run_id)
+    if run["kind"] != "search":
+        raise ValueError(f"run {run_id} is a {run['kind']} run; only searches can be resumed")
+    if run["status"] == "finished":
+        log.info("run %s already finished; its outputs are rewritten from the store", run_id)
+    return cfg.from_dict(run["config"]), store_obj
+
+
+def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, outcome: GAResult) -> SearchResult:
+    plan = decode(outcome.best_genes, [b.name for b in model.blocks], config.ga.encoding)
+    recipe = make_recipe(plan, model, config.train.base_lr, run_id=run_id, genes=outcome.best_genes,
+                         fitness=outcome.best_fitness, encoding=config.ga.encoding)
+    save_recipe(recipe, folder / "recipe.json")
+    evaluations = store.evaluations(run_id)
+    generations = pd.DataFrame(outcome.logbook)
+    store.export_csv(run_id, folder)
+    generations.to_csv(folder / "generations.csv", index=False)
+    figure = convergence(evaluations, title=f"{run_id}")
+    figure.savefig(folder / "convergence.png", dpi=120)
+    summary = {"best_genes": outcome.best_genes, "best_fitness": outcome.best_fitness,
+               "recipe": recipe_table(recipe), "trainable_share": recipe["trainable_share"],
+               "evaluations": len(evaluations), "train_runs": int(evaluations["train_runs"].sum()),
+               "cache_hits": int(evaluations["cache_hit"].sum()),
+               "failed": int((evaluations["status"] == "diverged").sum()),
+               "seconds": float(evaluations["seconds"].sum())}
+    store.set_status(run_id, "finished", summary)
+    log.info("run %s finished: best fitness %.4f", run_id, outcome.best_fitness)
+    return SearchResult(run_id, folder, outcome.best_genes, outcome.best_fitness, recipe, evaluations, generations)
+
+
+# ---------------------------------------------------------------------------------------------
+# Final protocol and baselines
+
+
+def final_protocol(config: cfg.Config, store: RunStore, run_id: str, method: str, plan_for, *,
+                   progress: bool = True) -> pd.DataFrame:
+    """Retrain on the full train part once per seed, early-stop on full validation, score on test.
+
+    ``plan_for(model) -> FineTunePlan``. Seeds already finished for this run and method are kept,
+    so an interrupted final protocol resumes too.
+    """
+    model, dataset = load_inputs(config)
+    plan: FineTunePlan = plan_for(model)
+    share = sum(model.block(b).num_params for b in plan.trained) / model.num_params
+    done = set(store.finals(run_id).query("method == @method")["seed"]) if len(store.finals(run_id)) else set()
+    for seed in config.train.seeds:
+        if seed in done:
+            continue
+        result = train(model, dataset, plan, config.train, seed, keep_net=True, progress=progress)
+        row = {"method": method, "seed": seed, "status": result.status, "trainable_share": share,
+               "seconds": result.seconds, "best_epoch": result.best_epoch, "epochs": result.epochs,
+               "val_macro_acc": result.val.get("macro_acc")}
+        if result.ok:
+            test = evaluate(result.net, dataset, "test", batch_size=config.train.eval_batch_size,
+                            amp=config.train.amp)
+            row.update(test_macro_acc=test["macro_acc"], test_top1=test["top1"], test_loss=test["loss"])
+        store.add_final(run_id, row)
+    finals = store.finals(run_id)
+    finals = finals[finals["method"] == method]
+    finals.to_csv(run_dir(config, run_id) / "final.csv", index=False)
+    return finals
+
+
+def final(run_id: str, *, store: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Final protocol for a finished search: retrain its best genome per seed, test it."""
+    store_obj = RunStore(store or cfg.Config().store_path)
+    run = store_obj.run(run_id)
+    if run["kind"] != "search":
+        raise ValueError(f"run {run_id} is a {run['kind']} run; `biotune final` takes a search run")
+    if run["status"] != "finished":
+        raise ValueError(f"run {run_id} is {run['status']}, not finished; resume it first: "
+                         f"biotune search --resume {run_id}")
+    config = cfg.from_dict(run["config"])
+    genes = run["result"]["best_genes"]
+    return final_protocol(config, store_obj, run_id, "biotune",
+                          lambda model: decode(genes, [b.name for b in model.blocks], config.ga.encoding),
+                          progress=progress)
+
+
+def run_baseline(method: str, dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
+                 config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
+                 store: str | Path | None = None, progress: bool = True) -> tuple[str, pd.DataFrame]:
+    """A baseline through the same data, trainer, seeds and final protocol as BioTune."""
+    plan_for = METHODS.get(method)
+    config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
+    store_obj = RunStore(config.store_path)
+    run_id, _ = _start_run(config, store_obj, kind="baseline", method=method)
+    try:
+        finals = final_protocol(config, store_obj, run_id, method, plan_for, progress=progress)
+    except BaseException:
+        store_obj.set_status(run_id, "failed")
+        raise
+    store_obj.set_status(run_id, "finished", {"method": method, "seeds": len(finals)})
+    return run_id, finals
+
+
+def compare(run_ids: list[str], *, store: str | Path | None = None) -> pd.DataFrame:
+    """One row per run: test macro accuracy and top-1 (mean±std), trainable share, seconds, runs."""
+    store_obj = RunStore(store or cfg.Config().store_path)
+    rows = []
+    for run_id in run_ids:
+        run = store_obj.run(run_id)
+        finals = store_obj.finals(run_id)
+        evaluations = store_obj.evaluations(run_id)
+        ok = finals[finals["status"] == "ok"]
+        rows.append({
+            "run_id": run_id, "method": run["method"], "dataset": run["dataset"], "model": run["model"],
+            "test_macro_acc": _mean_std(ok["test_macro_acc"]), "test_top1": _mean_std(ok["test_top1"]),
+            "trainable_share": float(finals["trainable_share"].mean()) if len(finals) else None,
+            "seconds": float(evaluations["seconds"].sum() + finals["seconds"].sum()),
+            "train_runs": int(evaluations["train_runs"].sum() + len(finals)),
+        })
+    return pd.DataFrame(rows)
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = [float(v) for v in values if pd.notna(v)]
+    if not values:
+        return "n/a"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.2f}±{100 * spread:.2f}"
+
+
+def demo(preset: str = "demo", *, store: str | Path | None = None, progress: bool = True) -> tuple[pd.DataFrame, Path]:
+    """A small search on the embedded default, then BioTune, full fine-tuning and linear probing
+    through the final protocol; returns the comparison table and the search's run folder."""
+    result = search(preset=preset, store=store, progress=progress)
+    final(result.run_id, store=store, progress=progress)
+    baselines = [run_baseline(method, preset=preset, store=store, progress=progress)[0]
+                 for method in ("full", "linear_probe")]
+    table = compare([result.run_id, *baselines], store=store)
+    table.to_csv(result.folder / "comparison.csv", index=False)
+    return table, result.folder
