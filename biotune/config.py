@@ -100,16 +100,16 @@ CHOICES = {
 PRESETS: dict[str, dict] = {
     "paper": {},
     "cpu": {
-        "data": {"image_size": 64, "max_train": 2000, "max_val": 500, "max_test": 2000},
-        "train": {"max_epochs": 4, "patience": 2, "batch_size": 64, "eval_batch_size": 256,
+        "data": {"image_size": 64, "max_train": 4000, "max_val": 1000, "max_test": 2000},
+        "train": {"max_epochs": 6, "patience": 2, "batch_size": 64, "eval_batch_size": 256,
                   "seeds": [684]},
         "ga": {"population": 6, "generations": 4, "elites": 2},
     },
     "demo": {
-        "data": {"image_size": 48, "max_train": 600, "max_val": 300, "max_test": 1000},
-        "train": {"max_epochs": 2, "patience": 1, "batch_size": 64, "eval_batch_size": 256,
+        "data": {"image_size": 48, "max_train": 1000, "max_val": 400, "max_test": 1000},
+        "train": {"max_epochs": 3, "patience": 1, "batch_size": 64, "eval_batch_size": 256,
                   "seeds": [684]},
-        "ga": {"population": 4, "generations": 2, "elites": 1},
+        "ga": {"population": 4, "generations": 3, "elites": 1},
     },
     "smoke": {
         "data": {"dataset": "synthetic", "image_size": 16, "max_train": None,

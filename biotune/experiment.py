@@ -206,14 +206,15 @@ def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, ou
     generations = pd.DataFrame(outcome.logbook)
     store.export_csv(run_id, folder)
     generations.to_csv(folder / "generations.csv", index=False)
-    figure = convergence(evaluations, title=f"{run_id}")
+    figure = convergence(evaluations, generations, title=f"{run_id}: fitness = 1 - validation macro accuracy"
+                         if config.ga.fitness == "acc" else f"{run_id}: fitness {config.ga.fitness}")
     figure.savefig(folder / "convergence.png", dpi=120)
     summary = {"best_genes": outcome.best_genes, "best_fitness": outcome.best_fitness,
                "recipe": recipe_table(recipe), "trainable_share": recipe["trainable_share"],
                "evaluations": len(evaluations), "train_runs": int(evaluations["train_runs"].sum()),
                "cache_hits": int(evaluations["cache_hit"].sum()),
                "failed": int((evaluations["status"] == "diverged").sum()),
-               "seconds": float(evaluations["seconds"].sum())}
+               "seconds": float(evaluations["seconds"].sum()), "generations": outcome.logbook}
     store.set_status(run_id, "finished", summary)
     log.info("run %s finished: best fitness %.4f", run_id, outcome.best_fitness)
     return SearchResult(run_id, folder, outcome.best_genes, outcome.best_fitness, recipe, evaluations, generations)

@@ -168,6 +168,11 @@ class RunStore:
         frame["cache_hit"] = frame["cache_hit"].astype(bool)
         return frame
 
+    def generations(self, run_id: str) -> pd.DataFrame:
+        """The GA logbook of a finished search: best, mean, std, worst, diversity per generation."""
+        result = self.run(run_id)["result"] or {}
+        return pd.DataFrame(result.get("generations", []))
+
     # cache -----------------------------------------------------------------------------------
     def cached(self, run_id: str, key: str) -> dict | None:
         row = self.db.execute("SELECT value FROM cache WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()

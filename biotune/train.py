@@ -109,12 +109,28 @@ def _autocast(device: torch.device, amp: bool):
                           enabled=amp and device.type == "cuda")
 
 
-def _batches(split, index: torch.Tensor, batch_size: int, dataset, device, memory_format):
+def _resident(split, index: torch.Tensor, device: torch.device):
+    """The indexed images and labels, moved once to a CUDA device when they fit comfortably.
+
+    Batches are then gathered on the GPU instead of copied from host memory every step; on the
+    CPU, or when the uint8 images would take over half the free GPU memory, they stay where
+    they are and each batch is copied on its own.
+    """
+    if device.type == "cuda":
+        needed = split.images[0].numel() * len(index)
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed < free / 2:
+            return (split.images[index].to(device), split.labels[index].to(device),
+                    torch.arange(len(index), device=device))
+    return split.images, split.labels, index
+
+
+def _batches(images, labels, index: torch.Tensor, batch_size: int, dataset, device, memory_format):
     for start in range(0, len(index), batch_size):
         chunk = index[start:start + batch_size]
-        images = split.images[chunk].to(device, non_blocking=True)
-        images = dataset.normalize(images).contiguous(memory_format=memory_format)
-        yield images, split.labels[chunk].to(device, non_blocking=True)
+        batch = images[chunk].to(device, non_blocking=True)
+        batch = dataset.normalize(batch).contiguous(memory_format=memory_format)
+        yield batch, labels[chunk].to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -126,18 +142,19 @@ def evaluate(net, dataset, split_name: str, index=None, *, batch_size: int = 256
     index = torch.arange(len(split.labels)) if index is None else torch.as_tensor(index)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net.eval()
-    predictions, loss_sum = [], 0.0
-    for images, labels in _batches(split, index, batch_size, dataset, device, memory_format):
+    images, labels, order = _resident(split, index, device)
+    predictions, loss_sum = [], torch.zeros((), device=device)
+    for batch, batch_labels in _batches(images, labels, order, batch_size, dataset, device, memory_format):
         with _autocast(device, amp):
-            logits = net(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        predictions.append(logits.argmax(1).cpu())
-    predicted = torch.cat(predictions).numpy()
+            logits = net(batch)
+        loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum")
+        predictions.append(logits.argmax(1))
+    predicted = torch.cat(predictions).cpu().numpy()
     truth = split.labels[index].numpy()
     return {
         "macro_acc": float(balanced_accuracy_score(truth, predicted)),
         "top1": float((predicted == truth).mean()),
-        "loss": loss_sum / max(1, len(index)),
+        "loss": loss_sum.item() / max(1, len(index)),
     }
 
 
@@ -159,6 +176,7 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *,
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.cosine_t_max)
     order = torch.Generator().manual_seed(seed)
     train_idx = torch.arange(len(dataset.train.labels)) if train_idx is None else torch.as_tensor(train_idx)
+    images, labels, positions = _resident(dataset.train, train_idx, device)
     trainable = sum(p.numel() for g in groups for p in g["params"])
 
     result = TrainResult(status="ok", best_epoch=-1, epochs=0, val={}, trainable_params=trainable)
@@ -166,21 +184,23 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *,
     epochs = tqdm(range(cfg.max_epochs), desc="epochs", leave=False, disable=not progress)
     for epoch in epochs:
         set_train_mode(net, frozen, cfg.frozen_bn)
-        shuffled = train_idx[torch.randperm(len(train_idx), generator=order)]
-        loss_sum = 0.0
-        for images, labels in _batches(dataset.train, shuffled, cfg.batch_size, dataset, device, memory_format):
+        shuffled = positions[torch.randperm(len(train_idx), generator=order).to(positions.device)]
+        loss_sum = torch.zeros((), device=device)
+        for batch, batch_labels in _batches(images, labels, shuffled, cfg.batch_size, dataset, device,
+                                            memory_format):
             with _autocast(device, cfg.amp):
-                _, loss = _logits_and_loss(net, images, labels)
-            if not torch.isfinite(loss):
-                log.warning("loss became %s at epoch %d (seed %d): run recorded as diverged", loss.item(), epoch, seed)
-                result.status = "diverged"
-                break
+                _, loss = _logits_and_loss(net, batch, batch_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(labels)
-            result.train_images += len(labels)
-        if result.status == "diverged":
+            loss_sum += loss.detach() * len(batch_labels)
+            result.train_images += len(batch_labels)
+        # one host sync per epoch: a non-finite loss anywhere in it makes the sum non-finite
+        train_loss = loss_sum.item() / len(train_idx)
+        if not math.isfinite(train_loss):
+            log.warning("training loss became %s in epoch %d (seed %d): run recorded as diverged",
+                        train_loss, epoch, seed)
+            result.status = "diverged"
             break
         scheduler.step()
         val = evaluate(net, dataset, "val", val_idx, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp)
@@ -188,7 +208,7 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *,
             result.status = "diverged"
             break
         base_lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
-        result.history.append({"epoch": epoch, "train_loss": loss_sum / len(train_idx), "base_lr": base_lr_now,
+        result.history.append({"epoch": epoch, "train_loss": train_loss, "base_lr": base_lr_now,
                                **{f"val_{k}": v for k, v in val.items()}})
         result.epochs = epoch + 1
         epochs.set_postfix(val_macro=f"{val['macro_acc']:.3f}")

@@ -43,6 +43,10 @@ def test_smoke_search_leaves_every_output(smoke):
     with RunStore(smoke["store"]) as store:
         assert store.run(result.run_id)["status"] == "finished"
         assert store.runs()["run_id"].tolist() == [result.run_id]
+        logbook = store.generations(result.run_id)
+        assert logbook["generation"].tolist() == [-1, 0]
+        assert {"best", "mean", "std", "worst", "diversity", "best_so_far"} <= set(logbook.columns)
+        assert logbook["best_so_far"].iloc[-1] == pytest.approx(result.best_fitness)
 
 
 def test_recipe_reaches_a_fresh_model_s_optimizer(smoke):
