@@ -434,3 +434,17 @@ def test_fold_one_is_everything_and_bad_splits_fail():
             make_folds(torch.arange(10) % 2, torch.arange(4) % 2, bad)
     with pytest.raises(ValueError, match="fewer than the 5 folds"):
         make_folds(torch.arange(10) % 2, torch.arange(4) % 2, 0.2)
+
+
+def test_small_images_are_upsampled_to_the_input_without_cropping(tmp_path):
+    frame = np.zeros((12, 8, 8), dtype=np.uint8)
+    frame[:, 0, :] = frame[:, -1, :] = frame[:, :, 0] = frame[:, :, -1] = 255  # a bright border
+    labels = np.arange(12) % 3
+    path = tmp_path / "framed.npz"
+    np.savez(path, **{f"{s}_images": frame for s in ("train", "val", "test")},
+             **{f"{s}_labels": labels for s in ("train", "val", "test")})
+    dataset = load_dataset("npz", pp(32, resize=64), root=tmp_path, path=path)
+    image = dataset.train.images[0, 0].float()
+    # a centre crop after resizing to 64 would cut the border away; the whole frame must survive
+    assert image[0].mean() > 100 and image[-1].mean() > 100 and image[:, 0].mean() > 100
+    assert image[12:20, 12:20].max() < 50
