@@ -10,6 +10,7 @@ result, never an exception.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ class TrainResult:
     seconds: float = 0.0
     train_images: int = 0  # training images processed (for images per second)
     trainable_params: int = 0
+    train_runs: int = 1  # training runs this result cost (LP-FT: 2)
     net: torch.nn.Module | None = None  # the best-validation network, when asked for
 
     @property
@@ -57,8 +59,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 def plan_param_groups(net: torch.nn.Module, blocks, plan: FineTunePlan, base_lr: float) -> list[dict]:
     """Set requires_grad per the plan and return one param group per trained block.
 
-    Each group carries ``lr = base_lr * multiplier`` and ``lr_scale`` (MAE-style), so any
-    scheduler scales every block's rate and the genome's ratios survive.
+    Each group carries ``lr = base_lr * multiplier`` and ``lr_scale`` (MAE-style): the schedule
+    sets every group's rate to the scheduled base rate times its scale, so the genome's ratios
+    survive any schedule.
     """
     params = dict(net.named_parameters())
     groups = []
@@ -102,6 +105,16 @@ def _logits_and_loss(net, images, labels):
             loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux, labels)
         return logits, loss
     return out, F.cross_entropy(out, labels)
+
+
+def cosine_factor(epoch: int, t_max: int) -> float:
+    """CosineAnnealingLR's closed form (eta_min 0), stepped once per epoch."""
+    return (1 + math.cos(math.pi * epoch / t_max)) / 2
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group.get("lr_scale", 1.0)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -158,22 +171,27 @@ def evaluate(net, dataset, split_name: str, index=None, *, batch_size: int = 256
     }
 
 
-def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *,
+def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, method=None, start_from=None,
           train_idx=None, val_idx=None, keep_net: bool = False, progress: bool = True) -> TrainResult:
-    """Fine-tune a fresh copy of ``model`` per ``plan``; return the best-validation result."""
+    """Fine-tune a fresh copy of ``model`` (or of ``start_from``) per ``plan``; return the
+    best-validation result. ``method`` (a ``biotune.methods.Method``) hooks in its own network
+    wrapping, param groups, loss penalty and per-epoch optimizer; None is plain training."""
+    from .methods import Method
+
     if plan.is_empty:
         raise ValueError("the plan trains no block; a genome with no trained block is not trained "
                          "(its fitness is the worst value)")
+    method = method or Method()
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     started = time.perf_counter()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    net = fresh_net(model, seed).to(device, memory_format=memory_format)
-    groups = plan_param_groups(net, model.blocks, plan, cfg.base_lr)
+    net = fresh_net(model, seed) if start_from is None else copy.deepcopy(start_from)
     frozen = [m for name in plan.frozen for m in _modules_of(net, model, name)]
+    net = method.prepare(net, model).to(device, memory_format=memory_format)
+    groups = method.param_groups(net, model, plan, cfg.base_lr)
     optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.cosine_t_max)
     order = torch.Generator().manual_seed(seed)
     train_idx = torch.arange(len(dataset.train.labels)) if train_idx is None else torch.as_tensor(train_idx)
     images, labels, positions = _resident(dataset.train, train_idx, device)
@@ -185,11 +203,19 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *,
     for epoch in epochs:
         set_train_mode(net, frozen, cfg.frozen_bn)
         shuffled = positions[torch.randperm(len(train_idx), generator=order).to(positions.device)]
+
+        epoch_batches = functools.partial(_batches, images, labels, shuffled, cfg.batch_size, dataset, device,
+                                          memory_format)
+        optimizer = method.on_epoch_start(epoch, net, optimizer, epoch_batches)
+        base_lr_now = cfg.base_lr * cosine_factor(epoch, cfg.cosine_t_max)
+        set_learning_rates(optimizer, base_lr_now)
         loss_sum = torch.zeros((), device=device)
-        for batch, batch_labels in _batches(images, labels, shuffled, cfg.batch_size, dataset, device,
-                                            memory_format):
+        for batch, batch_labels in epoch_batches():
             with _autocast(device, cfg.amp):
                 _, loss = _logits_and_loss(net, batch, batch_labels)
+            penalty = method.penalty(net)  # in full precision: small weight differences matter
+            if penalty is not None:
+                loss = loss + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -202,12 +228,10 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *,
                         train_loss, epoch, seed)
             result.status = "diverged"
             break
-        scheduler.step()
         val = evaluate(net, dataset, "val", val_idx, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp)
         if not math.isfinite(val["loss"]):
             result.status = "diverged"
             break
-        base_lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
         result.history.append({"epoch": epoch, "train_loss": train_loss, "base_lr": base_lr_now,
                                **{f"val_{k}": v for k, v in val.items()}})
         result.epochs = epoch + 1

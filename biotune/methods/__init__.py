@@ -1,15 +1,74 @@
 """Fine-tuning methods compared with BioTune; each is a small module registered here.
 
-A method turns a model into a fine-tuning plan for the one trainer; all of them go through the
-same data, seeds and final protocol (biotune.md §7), so rows of a results table differ in the
-method alone.
+A method decides which blocks train (a plan) and may hook into the one trainer: wrap the network
+(LoRA), build its own param groups, add a penalty to the loss (L2-SP, L1-SP) or rebuild the
+optimizer before every epoch (AutoRGN). All methods go through the same data, seeds and final
+protocol (biotune.md §7), so the rows of a results table differ in the method alone.
 """
+from __future__ import annotations
+
+import torch
+
+from ..genome import FineTunePlan
 from ..registry import Registry
 
 METHODS = Registry("method")
 
-from . import full, linear_probe  # noqa: E402,F401  (modules register themselves)
+
+class Method:
+    """Full fine-tuning behaviour by default; subclasses override what their method changes."""
+
+    name = "method"
+    grid: list[dict] = [{}]  # hyperparameter settings tried on validation (baselines.md)
+
+    def plan(self, model) -> FineTunePlan:
+        names = tuple(b.name for b in model.blocks)
+        return FineTunePlan(multipliers={name: 1.0 for name in names}, block_names=names)
+
+    def fit(self, model, dataset, cfg, seed: int, **kwargs):
+        """One training run of this method (LP-FT overrides it with two)."""
+        from ..train import train
+
+        return train(model, dataset, self.plan(model), cfg, seed, method=self, **kwargs)
+
+    # hooks the trainer calls ------------------------------------------------------------------
+    def prepare(self, net: torch.nn.Module, model) -> torch.nn.Module:
+        """The network to train (LoRA wraps it)."""
+        return net
+
+    def param_groups(self, net: torch.nn.Module, model, plan: FineTunePlan, base_lr: float) -> list[dict]:
+        """Optimizer groups, each with an ``lr_scale`` the schedule multiplies."""
+        from ..train import plan_param_groups
+
+        return plan_param_groups(net, model.blocks, plan, base_lr)
+
+    def penalty(self, net: torch.nn.Module) -> torch.Tensor | None:
+        """A term added to the task loss (regularisers)."""
+        return None
+
+    def on_epoch_start(self, epoch: int, net, optimizer, sample_batches) -> torch.optim.Optimizer:
+        """Called before every epoch; may return a new optimizer."""
+        return optimizer
+
+
+class PlanMethod(Method):
+    """Trains a given plan as it is: BioTune's best genome in the final protocol."""
+
+    name = "biotune"
+
+    def __init__(self, plan_for):
+        self._plan_for = plan_for
+
+    def plan(self, model) -> FineTunePlan:
+        return self._plan_for(model)
+
+
+def get_method(name: str, **hyperparameters) -> Method:
+    return METHODS.get(name)(**hyperparameters)
 
 
 def list_methods() -> list[str]:
     return METHODS.names()
+
+
+from . import autorgn, full, linear_probe, lora, lp_ft, sp  # noqa: E402,F401  (modules register themselves)
