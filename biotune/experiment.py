@@ -24,12 +24,13 @@ from . import config as cfg
 from .data import load_dataset, make_folds
 from .fitness import Evaluator
 from .ga import BioTuneGA, GAResult
-from .genome import FineTunePlan, decode, make_recipe, num_genes, recipe_table, save_recipe
-from .methods import METHODS
+from .genome import decode, make_recipe, num_genes, recipe_table, save_recipe
+from .methods import METHODS, PlanMethod
 from .models import create_model, model_preprocess
 from .plots import convergence
+from .searchers import Searcher
 from .store import RunStore
-from .train import evaluate, resolve_device, train
+from .train import evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,10 @@ class SearchResult:
 def search(dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
            config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
            resume: str | None = None, store: str | Path | None = None, progress: bool = True) -> SearchResult:
-    """Run (or resume) a BioTune search and write its outputs; returns the best recipe.
+    """Run (or resume) a search and write its outputs; returns the best recipe.
 
+    ``ga.searcher`` picks BioTune's GA (default) or a baseline at its budget (random, tpe, cmaes);
+    the run's method in the store is that name.
     ``biotune.search("digits", "tf_efficientnet_lite0", preset="cpu", overrides={"ga.population": 8})``
     """
     if resume is not None:
@@ -161,7 +164,7 @@ def search(dataset: str | None = None, model: str | None = None, preset: str = "
     else:
         config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
         store_obj = RunStore(config.store_path)
-        run_id, folder = _start_run(config, store_obj, kind="search", method="biotune")
+        run_id, folder = _start_run(config, store_obj, kind="search", method=config.ga.searcher)
     log.info("run %s: results in %s, store %s", run_id, folder, config.store_path)
 
     model_obj, dataset_obj = load_inputs(config)
@@ -169,13 +172,9 @@ def search(dataset: str | None = None, model: str | None = None, preset: str = "
                        seed=config.data.split_seed)
     evaluator = Evaluator(model=model_obj, dataset=dataset_obj, folds=folds, config=config, store=store_obj,
                           run_id=run_id, progress=progress)
-    ga = BioTuneGA(evaluator, num_blocks=len(model_obj.blocks),
-                   num_genes=num_genes(len(model_obj.blocks), config.ga.encoding), config=config.ga,
-                   n_folds=len(folds), checkpoint_path=folder / "checkpoint.json", progress=progress)
-    if resume is not None:
-        ga.restore()
     try:
-        outcome = ga.run()
+        outcome = _search_loop(config, evaluator, len(model_obj.blocks), len(folds), folder,
+                               resumed=resume is not None, progress=progress).run()
     except KeyboardInterrupt:
         store_obj.set_status(run_id, "interrupted")
         log.warning("run %s interrupted; finished evaluations are kept: biotune search --resume %s",
@@ -185,6 +184,20 @@ def search(dataset: str | None = None, model: str | None = None, preset: str = "
         store_obj.set_status(run_id, "failed")
         raise
     return _finish_search(config, store_obj, run_id, folder, model_obj, outcome)
+
+
+def _search_loop(config: cfg.Config, evaluator: Evaluator, num_blocks: int, n_folds: int, folder: Path, *,
+                 resumed: bool, progress: bool):
+    """BioTune's GA, resumed from its checkpoint, or a baseline searcher, resumed by replaying its
+    stored evaluations (searchers.py); either has ``run() -> GAResult``."""
+    sizes = {"num_blocks": num_blocks, "num_genes": num_genes(num_blocks, config.ga.encoding),
+             "config": config.ga, "n_folds": n_folds, "progress": progress}
+    if config.ga.searcher != "biotune":
+        return Searcher(config.ga.searcher, evaluator, **sizes)
+    ga = BioTuneGA(evaluator, checkpoint_path=folder / "checkpoint.json", **sizes)
+    if resumed:
+        ga.restore()
+    return ga
 
 
 def _resumed_config(run_id: str, store: str | Path | None) -> tuple[cfg.Config, RunStore]:
@@ -224,31 +237,36 @@ def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, ou
 # Final protocol and baselines
 
 
-def final_protocol(config: cfg.Config, store: RunStore, run_id: str, method: str, plan_for, *,
-                   progress: bool = True) -> pd.DataFrame:
+def final_protocol(config: cfg.Config, store: RunStore, run_id: str, method_name: str, make_method, grid=None,
+                   *, progress: bool = True) -> pd.DataFrame:
     """Retrain on the full train part once per seed, early-stop on full validation, score on test.
 
-    ``plan_for(model) -> FineTunePlan``. Seeds already finished for this run and method are kept,
-    so an interrupted final protocol resumes too.
+    ``make_method(**setting)`` builds the method for each hyperparameter setting of ``grid``
+    (default: the method's own grid). Every setting is trained with every seed; the setting with
+    the best mean validation macro accuracy is marked ``selected`` and the others stay in the
+    table, so the grid's cost is counted. Rows already in the store are kept, so an interrupted
+    final protocol resumes too.
     """
     model, dataset = load_inputs(config)
-    plan: FineTunePlan = plan_for(model)
-    share = sum(model.block(b).num_params for b in plan.trained) / model.num_params
-    done = set(store.finals(run_id).query("method == @method")["seed"]) if len(store.finals(run_id)) else set()
-    for seed in config.train.seeds:
-        if seed in done:
-            continue
-        result = train(model, dataset, plan, config.train, seed, keep_net=True, progress=progress)
-        row = {"method": method, "seed": seed, "status": result.status, "trainable_share": share,
-               "seconds": result.seconds, "best_epoch": result.best_epoch, "epochs": result.epochs,
-               "val_macro_acc": result.val.get("macro_acc")}
-        if result.ok:
-            test = evaluate(result.net, dataset, "test", batch_size=config.train.eval_batch_size,
-                            amp=config.train.amp)
-            row.update(test_macro_acc=test["macro_acc"], test_top1=test["top1"], test_loss=test["loss"])
-        store.add_final(run_id, row)
-    finals = store.finals(run_id)
-    finals = finals[finals["method"] == method]
+    grid = grid if grid is not None else make_method().grid
+    finished = store.finals(run_id)
+    for setting in grid:
+        key = json.dumps(setting, sort_keys=True)
+        method = make_method(**setting)
+        for seed in config.train.seeds:
+            if ((finished["method"] == method_name) & (finished["setting"] == key) & (finished["seed"] == seed)).any():
+                continue
+            result = method.fit(model, dataset, config.train, seed, keep_net=True, progress=progress)
+            row = {"method": method_name, "setting": key, "seed": seed, "status": result.status,
+                   "trainable_share": result.trainable_params / model.num_params, "seconds": result.seconds,
+                   "train_runs": result.train_runs, "best_epoch": result.best_epoch, "epochs": result.epochs,
+                   "val_macro_acc": result.val.get("macro_acc")}
+            if result.ok:
+                test = evaluate(result.net, dataset, "test", batch_size=config.train.eval_batch_size,
+                                amp=config.train.amp)
+                row.update(test_macro_acc=test["macro_acc"], test_top1=test["top1"], test_loss=test["loss"])
+            store.add_final(run_id, row)
+    finals = store.select_final_setting(run_id, method_name)
     finals.to_csv(run_dir(config, run_id) / "final.csv", index=False)
     return finals
 
@@ -264,43 +282,53 @@ def final(run_id: str, *, store: str | Path | None = None, progress: bool = True
                          f"biotune search --resume {run_id}")
     config = cfg.from_dict(run["config"])
     genes = run["result"]["best_genes"]
-    return final_protocol(config, store_obj, run_id, "biotune",
-                          lambda model: decode(genes, [b.name for b in model.blocks], config.ga.encoding),
-                          progress=progress)
+
+    def best_genome():
+        return PlanMethod(lambda model: decode(genes, [b.name for b in model.blocks], config.ga.encoding))
+
+    return final_protocol(config, store_obj, run_id, run["method"], best_genome, progress=progress)
 
 
 def run_baseline(method: str, dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
                  config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
-                 store: str | Path | None = None, progress: bool = True) -> tuple[str, pd.DataFrame]:
-    """A baseline through the same data, trainer, seeds and final protocol as BioTune."""
-    plan_for = METHODS.get(method)
+                 grid: list[dict] | None = None, store: str | Path | None = None,
+                 progress: bool = True) -> tuple[str, pd.DataFrame]:
+    """A baseline through the same data, trainer, seeds and final protocol as BioTune.
+
+    ``grid``: hyperparameter settings to choose from on validation (default: the method's grid,
+    baselines.md); ``[{}]`` runs the method's defaults only.
+    """
+    method_class = METHODS.get(method)
     config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
     store_obj = RunStore(config.store_path)
     run_id, _ = _start_run(config, store_obj, kind="baseline", method=method)
     try:
-        finals = final_protocol(config, store_obj, run_id, method, plan_for, progress=progress)
+        finals = final_protocol(config, store_obj, run_id, method, method_class, grid, progress=progress)
     except BaseException:
         store_obj.set_status(run_id, "failed")
         raise
-    store_obj.set_status(run_id, "finished", {"method": method, "seeds": len(finals)})
+    store_obj.set_status(run_id, "finished", {"method": method, "setting": finals["setting"].iloc[0]})
     return run_id, finals
 
 
 def compare(run_ids: list[str], *, store: str | Path | None = None) -> pd.DataFrame:
-    """One row per run: test macro accuracy and top-1 (mean±std), trainable share, seconds, runs."""
+    """One row per run: test macro accuracy and top-1 (mean±std over seeds, of the setting chosen
+    on validation), trainable share, seconds and training runs (search + grid + final)."""
     store_obj = RunStore(store or cfg.Config().store_path)
     rows = []
     for run_id in run_ids:
         run = store_obj.run(run_id)
         finals = store_obj.finals(run_id)
         evaluations = store_obj.evaluations(run_id)
-        ok = finals[finals["status"] == "ok"]
+        chosen = finals[finals["selected"] == 1]
+        ok = chosen[chosen["status"] == "ok"]
         rows.append({
             "run_id": run_id, "method": run["method"], "dataset": run["dataset"], "model": run["model"],
+            "setting": chosen["setting"].iloc[0] if len(chosen) else None,
             "test_macro_acc": _mean_std(ok["test_macro_acc"]), "test_top1": _mean_std(ok["test_top1"]),
-            "trainable_share": float(finals["trainable_share"].mean()) if len(finals) else None,
+            "trainable_share": float(chosen["trainable_share"].mean()) if len(chosen) else None,
             "seconds": float(evaluations["seconds"].sum() + finals["seconds"].sum()),
-            "train_runs": int(evaluations["train_runs"].sum() + len(finals)),
+            "train_runs": int(evaluations["train_runs"].sum() + finals["train_runs"].sum()),
         })
     return pd.DataFrame(rows)
 

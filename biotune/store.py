@@ -59,14 +59,17 @@ CREATE TABLE IF NOT EXISTS cache (
 CREATE TABLE IF NOT EXISTS finals (
     run_id      TEXT NOT NULL REFERENCES runs(run_id),
     method      TEXT NOT NULL,
+    setting     TEXT NOT NULL,          -- hyperparameters (JSON); one row per setting and seed
     seed        INTEGER NOT NULL,
+    selected    INTEGER NOT NULL DEFAULT 0,  -- the setting with the best mean validation macro acc
+    train_runs  INTEGER NOT NULL,       -- training runs this row cost (LP-FT: 2)
     status      TEXT NOT NULL,
     test_macro_acc REAL, test_top1 REAL, test_loss REAL,
     val_macro_acc REAL, best_epoch INTEGER, epochs INTEGER,
     trainable_share REAL NOT NULL,
     seconds     REAL NOT NULL,
     finished_at REAL NOT NULL,
-    PRIMARY KEY (run_id, method, seed)
+    PRIMARY KEY (run_id, method, setting, seed)
 );
 """
 
@@ -189,6 +192,17 @@ class RunStore:
         with self._write() as db:
             db.execute(f"INSERT OR REPLACE INTO finals ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
                        list(values.values()))
+
+    def select_final_setting(self, run_id: str, method: str) -> pd.DataFrame:
+        """Mark the setting with the best mean validation macro accuracy; return its rows."""
+        finals = self.finals(run_id)
+        finals = finals[finals["method"] == method]
+        best = finals.groupby("setting")["val_macro_acc"].mean().fillna(-1.0).idxmax()
+        with self._write() as db:
+            db.execute("UPDATE finals SET selected = (setting = ?) WHERE run_id = ? AND method = ?",
+                       (best, run_id, method))
+        chosen = self.finals(run_id)
+        return chosen[(chosen["method"] == method) & (chosen["selected"] == 1)]
 
     def finals(self, run_id: str | None = None) -> pd.DataFrame:
         query, args = "SELECT * FROM finals", ()

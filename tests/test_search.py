@@ -159,8 +159,8 @@ def test_bad_input_fails_early_with_clear_messages(smoke, tmp_path):
         biotune.search(**{**smoke, "overrides": {**smoke["overrides"], "ga.elites": 3}})
     with pytest.raises(biotune.ConfigError, match="unknown config key ga.populaton"):
         biotune.search(**{**smoke, "overrides": {**smoke["overrides"], "ga.populaton": 3}})
-    with pytest.raises(KeyError, match="unknown method 'lora'.*full, linear_probe"):
-        biotune.run_baseline("lora", **smoke)
+    with pytest.raises(KeyError, match="unknown method 'loraa'.*full, l1_sp, l2_sp, linear_probe, lora"):
+        biotune.run_baseline("loraa", **smoke)
 
 
 def test_cli_describe_prints_the_paper_blocks(capsys):
