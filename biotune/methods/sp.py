@@ -1,0 +1,59 @@
+"""L2-SP and L1-SP: fine-tuning regularised towards the pretrained starting point.
+
+Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional
+Networks", ICML 2018. Every block trains (full fine-tuning) and the loss gains
+
+    L2-SP:  (alpha/2) * ||w_S - w_S^0||_2^2 + (beta/2) * ||w_head||_2^2
+    L1-SP:   alpha    * ||w_S - w_S^0||_1   + (beta/2) * ||w_head||_2^2
+
+w_S are all trainable backbone parameter tensors (every block but the head): convolution and
+linear weights and biases and the BatchNorm affine parameters, as Transfer-Learning-Library's
+implementation does; BatchNorm running statistics are buffers, not weights, and are not
+penalised. w_S^0 is a detached copy of their values when the run starts (the pretrained weights),
+so the weights are pulled back to where they started rather than to zero. w_head is the new head,
+which has no starting point worth keeping and gets plain weight decay. The penalty is added to the
+loss, not folded into the optimizer's weight_decay: Adam would rescale it per coordinate.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import METHODS, Method
+
+
+@METHODS.register("l2_sp")
+class L2SP(Method):
+    name = "l2_sp"
+    grid = [{"alpha": alpha} for alpha in (0.001, 0.01, 0.1)]
+
+    def __init__(self, alpha: float = 0.01, beta: float = 0.01):
+        self.alpha, self.beta = alpha, beta
+
+    def param_groups(self, net: torch.nn.Module, model, plan, base_lr: float) -> list[dict]:
+        """Also take the starting point: the network is on its device and no step has been made."""
+        groups = super().param_groups(net, model, plan, base_lr)
+        params = dict(net.named_parameters())
+        self._backbone = [params[n] for block in model.blocks[:-1] for n in block.param_names
+                          if params[n].requires_grad]
+        self._start = [p.detach().clone() for p in self._backbone]
+        self._head = [params[n] for n in model.blocks[-1].param_names]
+        return groups
+
+    @staticmethod
+    def distance(diff: torch.Tensor) -> torch.Tensor:
+        """The backbone term per tensor, before alpha."""
+        return diff.pow(2).sum() / 2
+
+    def penalty(self, net: torch.nn.Module) -> torch.Tensor:
+        start_term = sum(self.distance(p - s) for p, s in zip(self._backbone, self._start))
+        head_term = sum(p.pow(2).sum() for p in self._head) / 2
+        return self.alpha * start_term + self.beta * head_term
+
+
+@METHODS.register("l1_sp")
+class L1SP(L2SP):
+    name = "l1_sp"
+
+    @staticmethod
+    def distance(diff: torch.Tensor) -> torch.Tensor:
+        return diff.abs().sum()

@@ -1,0 +1,200 @@
+"""Baseline fine-tuning methods: each test checks the method's own mechanism, not only that it runs."""
+import copy
+import importlib
+import itertools
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biotune.methods import get_method, list_methods
+from biotune.methods.lora import lora_layers, merge_lora
+from biotune.models import Block, PretrainedModel
+from biotune.train import fresh_net
+
+
+def backbone_state(model, net) -> dict:
+    """Parameters and buffers (BatchNorm statistics) of every block but the head."""
+    modules = [m for block in model.blocks[:-1] for m in block.modules]
+    return {k: v.cpu() for k, v in net.state_dict().items() if any(k.startswith(m + ".") for m in modules)}
+
+
+def head_params(model, net) -> dict:
+    params = dict(net.named_parameters())
+    return {n: params[n].detach().cpu() for n in model.blocks[-1].param_names}
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def bn_named_model(reference) -> PretrainedModel:
+    """A tiny CNN whose BatchNorm layers are named "bn" as in ResNets, with a depthwise conv."""
+    net = nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 8, 3, padding=1, bias=False), bn=nn.BatchNorm2d(8), relu=nn.ReLU(),
+        depthwise=nn.Conv2d(8, 8, 3, padding=1, groups=8), bn2=nn.BatchNorm2d(8), relu2=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(8, reference.num_classes)))
+
+    def block(*modules):
+        names = tuple(n for m in modules for n, _ in net.get_submodule(m).named_parameters(prefix=m))
+        return Block("+".join(modules), modules, names, sum(net.get_parameter(n).numel() for n in names))
+
+    blocks = [block("conv", "bn"), block("depthwise", "bn2"), block("fc")]
+    return PretrainedModel("bn_cnn", net, blocks, reference.preprocess, "random", reference.num_classes)
+
+
+def train_batches(dataset, batch_size: int = 16) -> list:
+    images, labels = dataset.train.images, dataset.train.labels
+    return [(dataset.normalize(images[i:i + batch_size]), labels[i:i + batch_size])
+            for i in range(0, len(labels), batch_size)]
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_end_to_end(name, smoke_config, smoke_inputs):
+    model, dataset = smoke_inputs
+    result = get_method(name).fit(model, dataset, smoke_config.train, seed=0, progress=False)
+    assert result.ok and result.epochs >= 1 and result.train_images > 0
+    assert 0 < result.trainable_params
+
+
+def test_linear_probe_keeps_backbone_and_batchnorm_statistics(smoke_config, smoke_inputs):
+    model, dataset = smoke_inputs
+    result = get_method("linear_probe").fit(model, dataset, smoke_config.train, seed=0, keep_net=True,
+                                            progress=False)
+    before = backbone_state(model, model.net)
+    assert any("running_mean" in k for k in before)
+    assert changed(before, backbone_state(model, result.net)) == []
+    assert changed(head_params(model, fresh_net(model, 0)), head_params(model, result.net))
+
+
+def test_lp_ft_fine_tunes_from_the_probe(smoke_config, smoke_inputs, monkeypatch):
+    model, dataset = smoke_inputs
+    trainer = importlib.import_module("biotune.train")  # the package exports a function of that name
+    runs, real_train = [], trainer.train
+
+    def spy(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        runs.append({"plan": args[2], "start_from": kwargs.get("start_from"), "result": result,
+                     "train_images": result.train_images})  # before LP-FT adds the probe's
+        return result
+
+    monkeypatch.setattr(trainer, "train", spy)
+    result = get_method("lp_ft").fit(model, dataset, smoke_config.train, seed=0, keep_net=True, progress=False)
+    probe, tuned = runs
+    head = model.blocks[-1].name
+    assert probe["plan"].trained == [head] and len(tuned["plan"].trained) == len(model.blocks)
+    assert tuned["start_from"] is probe["result"].net
+    assert changed(head_params(model, fresh_net(model, 0)), head_params(model, probe["result"].net))
+    pretrained = backbone_state(model, model.net)
+    assert changed(pretrained, backbone_state(model, probe["result"].net)) == []
+    assert changed(pretrained, backbone_state(model, result.net))
+    assert result.train_runs == 2
+    assert result.train_images == probe["train_images"] + tuned["train_images"]
+    assert [h["phase"] for h in result.history] == ["lp"] * probe["result"].epochs + ["ft"] * result.epochs
+
+
+@pytest.mark.parametrize("name", ["l2_sp", "l1_sp"])
+def test_sp_penalty_is_zero_at_the_start_and_pulls_back(name, smoke_inputs):
+    model, _ = smoke_inputs
+    alpha, beta = 0.1, 0.01
+    method = get_method(name, alpha=alpha, beta=0.0)
+    net = fresh_net(model, 0)
+    method.param_groups(net, model, method.plan(model), 1e-3)
+    assert method.penalty(net).item() == 0.0, "no backbone move, and no head term with beta 0"
+    weight = net.get_parameter(model.blocks[1].param_names[0])
+    start = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.01 * torch.randn_like(weight))
+    small = method.penalty(net).item()
+    with torch.no_grad():
+        weight.copy_(start + 2 * (weight - start))
+    assert 0 < small < method.penalty(net).item()
+
+    weight.grad = None
+    method.penalty(net).backward()
+    expected = alpha * (weight - start) if name == "l2_sp" else alpha * torch.sign(weight - start)
+    torch.testing.assert_close(weight.grad, expected.detach())
+
+    with_head = get_method(name, alpha=alpha, beta=beta)
+    with_head.param_groups(net, model, with_head.plan(model), 1e-3)  # moved weights become the start
+    head = head_params(model, net).values()
+    assert with_head.penalty(net).item() == pytest.approx(beta / 2 * sum(p.pow(2).sum().item() for p in head))
+
+
+def test_autorgn_learning_rates_are_relative_gradient_norms(smoke_inputs):
+    reference, dataset = smoke_inputs
+    model = bn_named_model(reference)
+    lr, base_lr = 1e-3, 1e-2
+    method = get_method("autorgn", lr=lr)
+    net = method.prepare(fresh_net(model, 0), model).train()
+    groups = method.param_groups(net, model, method.plan(model), base_lr)
+    batches = train_batches(dataset)
+    assert len(batches) > 5
+    optimizer = method.on_epoch_start(0, net, torch.optim.Adam(groups), lambda: iter(batches))
+    assert all(p.grad is None for p in net.parameters()), "the measurement must leave no gradients"
+
+    trained = {n: p for n, p in net.named_parameters() if "bn" not in n}
+    rgn = dict.fromkeys(trained, 0.0)
+    for images, labels in itertools.islice(batches, 5):
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(images), labels).backward()
+        for n, p in trained.items():
+            rgn[n] += (p.grad.norm() / p.norm()).item() / 5
+    top = max(rgn.values())
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert all(len(g["params"]) == 1 and g["weight_decay"] == 1e-4 for g in optimizer.param_groups)
+    assert rates == pytest.approx({n: v / top * lr for n, v in rgn.items()}, rel=1e-4)
+    assert max(rates.values()) == lr
+    for g in optimizer.param_groups:
+        assert g["lr_scale"] * base_lr == pytest.approx(g["lr"])
+
+
+def test_autorgn_leaves_bn_tensors_untouched(smoke_config, smoke_inputs):
+    reference, dataset = smoke_inputs
+    model = bn_named_model(reference)
+    result = get_method("autorgn").fit(model, dataset, smoke_config.train, seed=0, keep_net=True, progress=False)
+    before = dict(model.net.named_parameters())
+    after = {n: p.detach().cpu() for n, p in result.net.named_parameters()}
+    bn = [n for n in before if "bn" in n]
+    assert bn and all(torch.equal(before[n], after[n]) for n in bn)
+    assert all(not torch.equal(before[n], after[n]) for n in ("conv.weight", "depthwise.weight"))
+    assert result.trainable_params == sum(p.numel() for n, p in before.items() if "bn" not in n)
+
+
+def test_lora_trains_adapters_and_head_only_and_merges(smoke_config, smoke_inputs):
+    model, dataset = smoke_inputs
+    result = get_method("lora").fit(model, dataset, smoke_config.train, seed=0, keep_net=True, progress=False)
+    net = result.net.cpu()
+    layers = lora_layers(net)
+    convs = [n for n, m in model.net.named_modules() if isinstance(m, nn.Conv2d)]
+    assert sorted(layers) == sorted(convs)
+
+    pretrained = dict(model.net.named_parameters())
+    head = head_params(model, fresh_net(model, 0))
+    for name, p in net.named_parameters():
+        base_name = name.replace(".base_layer.", ".")
+        if "lora_" in name:
+            assert p.requires_grad
+        elif name in head:
+            assert p.requires_grad and not torch.equal(p, head[name]), name
+        else:  # base convolutions and BatchNorm affine
+            assert not p.requires_grad and torch.equal(p, pretrained[base_name]), name
+    assert all(layer.lora_B["default"].weight.abs().sum() > 0 for layer in layers.values()), "B starts at 0"
+
+    adapters = sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
+    assert result.trainable_params == adapters + sum(p.numel() for p in head.values())
+    assert result.trainable_params / model.num_params < 1
+
+    merged = merge_lora(net).eval()
+    assert merged.state_dict().keys() == model.net.state_dict().keys()
+    images = train_batches(dataset)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(images), net.eval()(images), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_leaves_grouped_convolutions_out(smoke_inputs):
+    model = bn_named_model(smoke_inputs[0])
+    net = get_method("lora", r=8).prepare(copy.deepcopy(model.net), model)
+    assert list(lora_layers(net)) == ["conv"]
