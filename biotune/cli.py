@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="run a BioTune search (or --resume one)")
     _add_run_options(search)
+    search.add_argument("--searcher", choices=cfg.CHOICES["ga.searcher"],
+                        help="BioTune's GA (default) or a baseline at its budget; same as --ga.searcher")
     search.add_argument("--resume", metavar="RUN_ID", help="continue a killed or interrupted run")
     search.add_argument("--final", action="store_true", help="run the final protocol after the search")
 
@@ -69,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     final.add_argument("--quiet", action="store_true")
 
     baseline = sub.add_parser("baseline", help="a baseline through the same final protocol")
-    baseline.add_argument("--method", required=True)
+    baseline.add_argument("--method", required=True, help="full, linear_probe, lp_ft, l2_sp, l1_sp, autorgn, lora")
+    baseline.add_argument("--no-grid", action="store_true",
+                          help="train the method's default hyperparameters only, not its grid")
     _add_run_options(baseline)
 
     sub.add_parser("runs", help="list runs with their status")
@@ -126,6 +130,8 @@ def _run(args, overrides: list[str]) -> int:
               f"in {len(model.blocks)} blocks")
         _print_table(table)
     elif args.command == "search":
+        if args.searcher:
+            overrides = [*overrides, f"ga.searcher={args.searcher}"]
         result = experiment.search(args.dataset, args.model, args.preset, config_file=args.config,
                                    overrides=overrides, resume=args.resume, store=args.store, progress=progress)
         print(f"run {result.run_id}: best fitness {result.best_fitness:.4f}; outputs in {result.folder}")
@@ -138,6 +144,7 @@ def _run(args, overrides: list[str]) -> int:
     elif args.command == "baseline":
         run_id, finals = experiment.run_baseline(args.method, args.dataset, args.model, args.preset,
                                                  config_file=args.config, overrides=overrides,
+                                                 grid=[{}] if args.no_grid else None,
                                                  store=args.store, progress=progress)
         print(f"run {run_id}")
         _print_table(finals)

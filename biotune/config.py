@@ -67,6 +67,7 @@ class GAConfig:
     exploit_step: float = 0.25
     seed: int = 0
     cache: bool = True  # evaluation cache (improved variant only)
+    searcher: str = "biotune"  # "biotune" | "random" | "tpe" | "cmaes": baselines at BioTune's budget
 
 
 @dataclass
@@ -92,6 +93,7 @@ CHOICES = {
     "ga.fitness": ("acc", "acc+std", "loss"),
     "ga.encoding": ("full", "no_lr_genes", "no_freezing"),
     "ga.ga_variant": ("improved", "reference"),
+    "ga.searcher": ("biotune", "random", "tpe", "cmaes"),
 }
 
 # Presets override the defaults (which are the paper's recipe). The cpu values were chosen so a

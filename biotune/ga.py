@@ -112,6 +112,24 @@ def random_genome(num_genes: int, num_blocks: int, encoding: str, rng: random.Ra
             return genes
 
 
+def evaluation_schedule(config: GAConfig, n_folds: int) -> list[tuple[int, int]]:
+    """(generation, fold) of every evaluation BioTuneGA makes for this config, in order.
+
+    The initial population: N evaluations on fold 0 (generation -1). Generation t, on fold
+    t mod n_folds: the improved variant first re-scores the E elites when the fold differs from
+    the previous generation's (every t >= 1 with several folds), then 2E exploitation trials and
+    N - E new members. In all N + T(N + E) evaluations, plus those re-scores. The search
+    baselines spend exactly this budget on exactly these folds (searchers.py); a test checks the
+    schedule against the loop itself, so the two cannot drift apart.
+    """
+    schedule = [(-1, 0)] * config.population
+    for t in range(config.generations):
+        fold, previous_fold = t % n_folds, (t - 1) % n_folds if t else 0
+        rescores = config.elites if config.ga_variant == "improved" and fold != previous_fold else 0
+        schedule += [(t, fold)] * (rescores + 2 * config.elites + config.population - config.elites)
+    return schedule
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 

@@ -1,0 +1,136 @@
+"""Random search, TPE and CMA-ES over BioTune's genome, at BioTune's budget (baselines.md).
+
+Does the evolution matter? Each searcher here differs from BioTune in how it proposes genomes
+and in nothing else: the same genome (``genome.num_genes``), decoding, fitness (the same
+``fitness.Evaluator``, so the same training, cache and run store), folds and number of
+evaluations.
+
+- Budget: exactly the evaluations BioTuneGA makes for the same config,
+  ``ga.evaluation_schedule(config, n_folds)``: N + T(N + E), plus in the improved variant the E
+  elite re-scores of every generation whose fold differs from the previous one's.
+- Folds: trial k is evaluated on the fold of BioTune's evaluation k in that schedule (fold
+  rotation as in BioTune, not one fixed fold), so both see the same folds, in the same order and
+  proportions. A sampler is told every fitness as one objective whatever its fold: it sees the
+  same fold noise that BioTune's selection sees.
+- Proposals: random search draws uniform genomes with ``ga.random_genome``, redrawing those
+  that train no block (BioTune's own initialisation), from a ``random.Random(ga.seed)``; optuna's
+  RandomSampler is not used because a redraw would cost a trial. TPE and CMA-ES are optuna
+  samplers (library defaults; CMA-ES needs optuna's optional ``cmaes`` package) seeded from
+  ``ga.seed``, asked through ask/tell for each gene as a float ``g{i}`` in [0, 1]. Their genomes
+  that train no block are evaluated all the same: the Evaluator records them with the worst
+  fitness without training, and the sampler is told that fitness. Every evaluation is recorded
+  with role ``trial``.
+- Resume: there is no checkpoint. A resumed run replays from the first evaluation with freshly
+  seeded proposers; the Evaluator returns the stored fitness for every evaluation already done
+  (and raises ``ReplayMismatchError`` if a replayed genome or fold differs), so each proposer
+  sees the same history and proposes what an uninterrupted run would. This holds because the
+  proposers draw only from generators seeded at construction and from the study's history:
+  TPE (and its random start-up trials) from ``RandomState(seed)``; CMA-ES from its own
+  ``RandomState(seed)`` and from the CMA optimizer, which optuna pickles into the trial that
+  updated it and, before every ask, reseeds with a draw of that generator plus the trial number
+  (an unpickled optimizer's own generator is unseeded, so the reseed is what makes it replay).
+
+The logbook groups trials by the generation of the schedule they stand in for, with the keys of
+BioTuneGA's logbook, so the run's outputs and convergence figure are the same as BioTune's.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import random
+
+import optuna
+from tqdm.auto import tqdm
+
+from . import ga
+from .config import ConfigError, GAConfig
+
+log = logging.getLogger(__name__)
+
+SEARCHERS = ("random", "tpe", "cmaes")
+
+
+class RandomGenomes:
+    """Uniform genomes that train at least one block, as BioTune's initial population."""
+
+    def __init__(self, *, num_genes: int, num_blocks: int, config: GAConfig):
+        self.num_genes, self.num_blocks, self.encoding = num_genes, num_blocks, config.encoding
+        self.rng = random.Random(config.seed)
+
+    def ask(self) -> list[float]:
+        return ga.random_genome(self.num_genes, self.num_blocks, self.encoding, self.rng)
+
+    def tell(self, fitness: float) -> None:
+        """Random search learns nothing from a fitness."""
+
+
+class OptunaGenomes:
+    """An optuna study driven by ask/tell: one trial per evaluation, gene i as ``g{i}`` in [0, 1]."""
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler, *, num_genes: int):
+        self.study = optuna.create_study(direction="minimize", sampler=sampler)
+        self.num_genes = num_genes
+        self.trial: optuna.Trial | None = None
+
+    def ask(self) -> list[float]:
+        self.trial = self.study.ask()
+        return [self.trial.suggest_float(f"g{i}", 0.0, 1.0) for i in range(self.num_genes)]
+
+    def tell(self, fitness: float) -> None:
+        self.study.tell(self.trial, fitness)
+
+
+def proposer(name: str, *, num_genes: int, num_blocks: int, config: GAConfig):
+    """The genome proposer of a searcher, seeded from ``config.seed``."""
+    if name == "random":
+        return RandomGenomes(num_genes=num_genes, num_blocks=num_blocks, config=config)
+    if name == "tpe":
+        return OptunaGenomes(optuna.samplers.TPESampler(seed=config.seed), num_genes=num_genes)
+    if name == "cmaes":
+        if importlib.util.find_spec("cmaes") is None:  # optuna imports it only at the second trial
+            raise ConfigError("ga.searcher=cmaes needs the cmaes package: pip install cmaes")
+        return OptunaGenomes(optuna.samplers.CmaEsSampler(seed=config.seed), num_genes=num_genes)
+    raise ConfigError(f"unknown searcher {name!r}; choose one of: {', '.join(SEARCHERS)}")
+
+
+class Searcher:
+    """A baseline search over BioTune's genome; ``run()`` returns a ``ga.GAResult`` like BioTuneGA's.
+
+    Takes BioTuneGA's arguments (less the checkpoint: a resumed run replays, see the module
+    docstring) and the searcher's name.
+    """
+
+    def __init__(self, name: str, evaluate: ga.Evaluate, *, num_blocks: int, num_genes: int,
+                 config: GAConfig, n_folds: int, progress: bool = True):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial
+        self.name, self.evaluate, self.progress = name, evaluate, progress
+        self.genomes = proposer(name, num_genes=num_genes, num_blocks=num_blocks, config=config)
+        self.schedule = ga.evaluation_schedule(config, n_folds)
+
+    def run(self) -> ga.GAResult:
+        log.info("%s search: %d evaluations, BioTune's budget for this config", self.name, len(self.schedule))
+        records, everyone = [], []
+        with tqdm(total=len(self.schedule), desc=f"{self.name} evaluations", disable=not self.progress) as bar:
+            for (generation, fold), slots in itertools.groupby(self.schedule):
+                population = []
+                for individual, _ in enumerate(slots):
+                    genes = self.genomes.ask()
+                    fitness = self.evaluate(genes, fold=fold, generation=generation, individual=individual,
+                                            role="trial")
+                    self.genomes.tell(fitness)
+                    population.append(ga._individual(genes, fitness, fold=fold))
+                    bar.update()
+                everyone += population
+                records.append(_record(generation, fold, population, everyone))
+                bar.set_postfix(best=f"{records[-1]['best_so_far']:.4f}")
+        best = min(everyone, key=ga._fitness)
+        return ga.GAResult(best_genes=list(best), best_fitness=ga._fitness(best), logbook=records,
+                           evaluations=len(everyone))
+
+
+def _record(generation: int, fold: int, population: list, everyone: list) -> dict:
+    """BioTuneGA's logbook record, for the trials standing in for one of its generations."""
+    return {"generation": generation, "fold": fold, "evaluations": len(everyone),
+            "best_so_far": min(ga._fitness(t) for t in everyone), "diversity": ga.gene_diversity(population),
+            **ga._statistics().compile(population)}
