@@ -159,15 +159,17 @@ def search(dataset: str | None = None, model: str | None = None, preset: str = "
     """
     if resume is not None:
         config, store_obj = _resumed_config(resume, store)
-        run_id, folder = resume, run_dir(config, resume)
-        store_obj.set_status(run_id, "running")
     else:
         config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
         store_obj = RunStore(config.store_path)
+    model_obj, dataset_obj = load_inputs(config)  # before the run exists: bad data leaves no orphan run
+    if resume is not None:
+        run_id, folder = resume, run_dir(config, resume)
+        store_obj.set_status(run_id, "running")
+    else:
         run_id, folder = _start_run(config, store_obj, kind="search", method=config.ga.searcher)
     log.info("run %s: results in %s, store %s", run_id, folder, config.store_path)
 
-    model_obj, dataset_obj = load_inputs(config)
     folds = make_folds(dataset_obj.train.labels, dataset_obj.val.labels, config.ga.train_split,
                        seed=config.data.split_seed)
     evaluator = Evaluator(model=model_obj, dataset=dataset_obj, folds=folds, config=config, store=store_obj,

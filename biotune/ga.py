@@ -142,7 +142,8 @@ class GAResult:
     evaluations: int = 0
 
 
-def _individual(genes, fitness, *, fold, extinction=0.0, momentum=None):
+def make_individual(genes, fitness, *, fold, extinction=0.0, momentum=None):
+    """A DEAP individual with its fitness and the fold that fitness was measured on."""
     ind = creator.BioTuneIndividual(genes)
     ind.fitness.values = (fitness,)
     ind.fold, ind.extinction = fold, extinction
@@ -150,19 +151,20 @@ def _individual(genes, fitness, *, fold, extinction=0.0, momentum=None):
     return ind
 
 
-def _fitness(ind) -> float:
+def fitness_of(ind) -> float:
     return ind.fitness.values[0]
 
 
 def _set_extinction(population: list, variant_allows: bool = True) -> None:
-    probabilities = extinction_probabilities([_fitness(i) for i in population]) if variant_allows else None
+    probabilities = extinction_probabilities([fitness_of(i) for i in population]) if variant_allows else None
     if probabilities is not None:
         for ind, p in zip(population, probabilities):
             ind.extinction = p
 
 
-def _statistics() -> tools.Statistics:
-    stats = tools.Statistics(key=_fitness)
+def fitness_statistics() -> tools.Statistics:
+    """The logbook's per-generation numbers; the search baselines record the same ones."""
+    stats = tools.Statistics(key=fitness_of)
     stats.register("best", min)
     stats.register("mean", statistics.fmean)
     stats.register("std", statistics.pstdev)
@@ -192,7 +194,7 @@ class BioTuneGA:
         self.population: list = []
         self.hall_of_fame = tools.HallOfFame(1)
         self.logbook = tools.Logbook()
-        self.stats = _statistics()
+        self.stats = fitness_statistics()
         self.next_generation = 0
         self.evaluations = 0
 
@@ -203,14 +205,14 @@ class BioTuneGA:
 
     def _random_individual(self, *, fold, generation, individual, role) -> object:
         genes = random_genome(self.num_genes, self.num_blocks, self.cfg.encoding, self.rng)
-        return _individual(genes, self._score(genes, fold=fold, generation=generation,
+        return make_individual(genes, self._score(genes, fold=fold, generation=generation,
                                               individual=individual, role=role), fold=fold)
 
     # -- §5 steps ------------------------------------------------------------------------------
     def initialise(self) -> None:
         self.population = [self._random_individual(fold=0, generation=-1, individual=i, role="init")
                            for i in range(self.cfg.population)]
-        self.population.sort(key=_fitness)
+        self.population.sort(key=fitness_of)
         _set_extinction(self.population, variant_allows=self.improved)  # released code: all stay 0
         self._record(generation=-1, fold=0)
 
@@ -222,7 +224,7 @@ class BioTuneGA:
                 elite.fitness.values = (self._score(elite, fold=fold, generation=generation,
                                                     individual=index, role="rescore"),)
                 elite.fold = fold
-        self.population[: self.cfg.elites] = sorted(elites, key=_fitness)
+        self.population[: self.cfg.elites] = sorted(elites, key=fitness_of)
 
     def _exploit(self, generation: int, fold: int) -> None:
         """Each elite tries g_i +/- d on one trained gene and keeps the better only if it improves."""
@@ -238,7 +240,7 @@ class BioTuneGA:
                 trials.append((self._score(genes, fold=fold, generation=generation, individual=index,
                                            role="exploit"), value))
             fitness, value = min(trials, key=lambda t: t[0])
-            if fitness < _fitness(elite):
+            if fitness < fitness_of(elite):
                 elite[gene] = min(1.0, max(0.0, value)) if self.improved else value  # released: unclipped
                 elite.fitness.values = (fitness,)
                 elite.fold = fold
@@ -257,10 +259,10 @@ class BioTuneGA:
         momentum = [self.rng.random() * m + (g - c) for m, g, c in zip(momentum, genes, after_crossover)]
         if self.cfg.momentum:
             genes = clip([g + m for g, m in zip(genes, momentum)])
-        child = _individual(genes, self._score(genes, fold=fold, generation=generation, individual=index,
+        child = make_individual(genes, self._score(genes, fold=fold, generation=generation, individual=index,
                                                role="child"), fold=fold, momentum=momentum)
         for parent in (p1, p2):
-            if _fitness(parent) > _fitness(child):
+            if fitness_of(parent) > fitness_of(child):
                 pool.remove(parent)
         return child
 
@@ -278,7 +280,7 @@ class BioTuneGA:
             else:
                 new_population.append(self._random_individual(fold=fold, generation=t, individual=index,
                                                                role="random"))
-        new_population.sort(key=_fitness)
+        new_population.sort(key=fitness_of)
         _set_extinction(new_population)
         self.population = new_population
         self._record(generation=t, fold=fold)
@@ -286,7 +288,7 @@ class BioTuneGA:
     def _record(self, generation: int, fold: int) -> None:
         self.hall_of_fame.update(self.population)
         self.logbook.record(generation=generation, fold=fold, evaluations=self.evaluations,
-                            best_so_far=_fitness(self.hall_of_fame[0]),
+                            best_so_far=fitness_of(self.hall_of_fame[0]),
                             diversity=gene_diversity(self.population), **self.stats.compile(self.population))
         self.next_generation = generation + 1
         self._save_checkpoint()
@@ -298,15 +300,15 @@ class BioTuneGA:
                            initial=self.next_generation, total=self.cfg.generations, disable=not self.progress)
         for t in generations:
             self.generation(t)
-            generations.set_postfix(best=f"{_fitness(self.hall_of_fame[0]):.4f}")
+            generations.set_postfix(best=f"{fitness_of(self.hall_of_fame[0]):.4f}")
         best = self.hall_of_fame[0]
-        return GAResult(best_genes=list(best), best_fitness=_fitness(best), logbook=list(self.logbook),
+        return GAResult(best_genes=list(best), best_fitness=fitness_of(best), logbook=list(self.logbook),
                         evaluations=self.evaluations)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
         def plain(ind):
-            return {"genes": list(ind), "fitness": _fitness(ind), "fold": ind.fold,
+            return {"genes": list(ind), "fitness": fitness_of(ind), "fold": ind.fold,
                     "extinction": ind.extinction, "momentum": list(ind.momentum)}
 
         return {
@@ -337,7 +339,7 @@ class BioTuneGA:
         state = json.loads(self.checkpoint_path.read_text())
 
         def individual(d):
-            return _individual(d["genes"], d["fitness"], fold=d["fold"], extinction=d["extinction"],
+            return make_individual(d["genes"], d["fitness"], fold=d["fold"], extinction=d["extinction"],
                                momentum=d["momentum"])
 
         self.population = [individual(d) for d in state["population"]]

@@ -119,18 +119,18 @@ class Searcher:
                     fitness = self.evaluate(genes, fold=fold, generation=generation, individual=individual,
                                             role="trial")
                     self.genomes.tell(fitness)
-                    population.append(ga._individual(genes, fitness, fold=fold))
+                    population.append(ga.make_individual(genes, fitness, fold=fold))
                     bar.update()
                 everyone += population
                 records.append(_record(generation, fold, population, everyone))
                 bar.set_postfix(best=f"{records[-1]['best_so_far']:.4f}")
-        best = min(everyone, key=ga._fitness)
-        return ga.GAResult(best_genes=list(best), best_fitness=ga._fitness(best), logbook=records,
+        best = min(everyone, key=ga.fitness_of)
+        return ga.GAResult(best_genes=list(best), best_fitness=ga.fitness_of(best), logbook=records,
                            evaluations=len(everyone))
 
 
 def _record(generation: int, fold: int, population: list, everyone: list) -> dict:
     """BioTuneGA's logbook record, for the trials standing in for one of its generations."""
     return {"generation": generation, "fold": fold, "evaluations": len(everyone),
-            "best_so_far": min(ga._fitness(t) for t in everyone), "diversity": ga.gene_diversity(population),
-            **ga._statistics().compile(population)}
+            "best_so_far": min(ga.fitness_of(t) for t in everyone), "diversity": ga.gene_diversity(population),
+            **ga.fitness_statistics().compile(population)}

@@ -155,6 +155,10 @@ def test_final_protocol_and_baselines_and_compare(smoke):
 def test_bad_input_fails_early_with_clear_messages(smoke, tmp_path):
     with pytest.raises(RunNotFoundError, match="no run 'nope'.*biotune runs"):
         biotune.final("nope", store=tmp_path / "empty.sqlite")
+    with pytest.raises(KeyError, match="unknown dataset 'fashion_mnsit'.*fashion_mnist"):
+        biotune.search(**{**smoke, "overrides": {**smoke["overrides"], "data.dataset": "fashion_mnsit"}})
+    with RunStore(smoke["store"]) as store:
+        assert store.runs().empty, "a run that could not start must leave no run behind"
     with pytest.raises(biotune.ConfigError, match="ga.elites must be"):
         biotune.search(**{**smoke, "overrides": {**smoke["overrides"], "ga.elites": 3}})
     with pytest.raises(biotune.ConfigError, match="unknown config key ga.populaton"):
