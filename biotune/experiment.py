@@ -328,8 +328,8 @@ def compare(run_ids: list[str], *, store: str | Path | None = None) -> pd.DataFr
             "run_id": run_id, "method": run["method"], "dataset": run["dataset"], "model": run["model"],
             "setting": chosen["setting"].iloc[0] if len(chosen) else None,
             "test_macro_acc": _mean_std(ok["test_macro_acc"]), "test_top1": _mean_std(ok["test_top1"]),
-            "trainable_share": float(chosen["trainable_share"].mean()) if len(chosen) else None,
-            "seconds": float(evaluations["seconds"].sum() + finals["seconds"].sum()),
+            "trainable_share": round(float(chosen["trainable_share"].mean()), 4) if len(chosen) else None,
+            "seconds": round(float(evaluations["seconds"].sum() + finals["seconds"].sum()), 1),
             "train_runs": int(evaluations["train_runs"].sum() + finals["train_runs"].sum()),
         })
     return pd.DataFrame(rows)
