@@ -18,7 +18,8 @@ from .data import make_folds
 from .experiment import load_inputs
 from .fitness import Evaluator
 from .ga import random_genome
-from .genome import FineTunePlan, encode, num_genes
+from .genome import encode, num_genes
+from .methods import get_method
 from .store import RunStore
 
 
@@ -31,7 +32,7 @@ def run_bench(preset: str = "cpu", evaluations: int = 3, overrides: list[str] | 
     load_seconds = time.perf_counter() - started
     folds = make_folds(dataset.train.labels, dataset.val.labels, config.ga.train_split, seed=config.data.split_seed)
     blocks = [b.name for b in model.blocks]
-    full = encode(FineTunePlan({b: 1.0 for b in blocks}, tuple(blocks)), config.ga.encoding)
+    full = encode(get_method("full").plan(model), config.ga.encoding)
     rng = random.Random(seed)
     genomes = [("full fine-tuning", full)] + [
         (f"random genome {i + 1}", random_genome(num_genes(len(blocks), config.ga.encoding), len(blocks),

@@ -149,7 +149,7 @@ def _run(args, overrides: list[str]) -> int:
         print(f"run {run_id}")
         _print_table(finals)
     elif args.command == "runs":
-        with RunStore(args.store or cfg.Config().store_path) as store:
+        with RunStore(args.store) as store:
             _print_table(store.runs())
     elif args.command == "compare":
         _print_table(experiment.compare(args.run_ids, store=args.store))

@@ -241,4 +241,5 @@ def validate(config: Config) -> None:
 
 
 def num_folds(train_split: float) -> int:
+    """ceil(1 / train_split), where 1 / (1/3) must give 3, not 4."""
     return math.ceil(1 / train_split - 1e-9)

@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import tempfile
 import warnings
@@ -34,6 +33,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from .config import num_folds
 from .registry import Registry, UnknownNameError
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def make_folds(train_labels, val_labels, train_split: float, seed: int = 0) -> l
     """
     if not 0 < train_split <= 1:
         raise ValueError(f"train_split must be in (0, 1], got {train_split}")
-    n_folds = math.ceil(1 / train_split - 1e-9)  # 1 / (1/3) must give 3, not 4
+    n_folds = num_folds(train_split)
     chunks = [_stratified_chunks(torch.as_tensor(labels).cpu().numpy(), n_folds, seed, part, train_split)
               for labels, part in ((train_labels, "train"), (val_labels, "validation"))]
     return [Fold(torch.from_numpy(t), torch.from_numpy(v)) for t, v in zip(*chunks, strict=True)]

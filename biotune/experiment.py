@@ -203,7 +203,7 @@ def _search_loop(config: cfg.Config, evaluator: Evaluator, num_blocks: int, n_fo
 
 
 def _resumed_config(run_id: str, store: str | Path | None) -> tuple[cfg.Config, RunStore]:
-    store_obj = RunStore(store or cfg.Config().store_path)
+    store_obj = RunStore(store)
     run = store_obj.run(run_id)
     if run["kind"] != "search":
         raise ValueError(f"run {run_id} is a {run['kind']} run; only searches can be resumed")
@@ -275,7 +275,7 @@ def final_protocol(config: cfg.Config, store: RunStore, run_id: str, method_name
 
 def final(run_id: str, *, store: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Final protocol for a finished search: retrain its best genome per seed, test it."""
-    store_obj = RunStore(store or cfg.Config().store_path)
+    store_obj = RunStore(store)
     run = store_obj.run(run_id)
     if run["kind"] != "search":
         raise ValueError(f"run {run_id} is a {run['kind']} run; `biotune final` takes a search run")
@@ -316,7 +316,7 @@ def run_baseline(method: str, dataset: str | None = None, model: str | None = No
 def compare(run_ids: list[str], *, store: str | Path | None = None) -> pd.DataFrame:
     """One row per run: test macro accuracy and top-1 (mean±std over seeds, of the setting chosen
     on validation), trainable share, seconds and training runs (search + grid + final)."""
-    store_obj = RunStore(store or cfg.Config().store_path)
+    store_obj = RunStore(store)
     rows = []
     for run_id in run_ids:
         run = store_obj.run(run_id)

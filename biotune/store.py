@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import Config
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
@@ -82,8 +84,9 @@ class RunNotFoundError(KeyError):
 
 
 class RunStore:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None = None):
+        """Open (or create) the store at ``path``; None: the default, results/runs.sqlite."""
+        self.path = Path(path) if path is not None else Config().store_path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30)
         self.db.row_factory = sqlite3.Row

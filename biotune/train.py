@@ -146,16 +146,25 @@ def _batches(images, labels, index: torch.Tensor, batch_size: int, dataset, devi
         yield batch, labels[chunk].to(device, non_blocking=True)
 
 
-@torch.no_grad()
+def _prepared(dataset, split_name: str, index, device: torch.device) -> tuple:
+    """(images, labels, order) of a split's indexed part, ready for batches on ``device``."""
+    split = getattr(dataset, split_name)
+    index = torch.arange(len(split.labels)) if index is None else torch.as_tensor(index)
+    return _resident(split, index, device)
+
+
 def evaluate(net, dataset, split_name: str, index=None, *, batch_size: int = 256,
              device: torch.device | None = None, amp: bool = True) -> dict:
     """Macro accuracy (mean per-class recall, the paper's accuracy), top-1 and mean loss."""
     device = device or next(net.parameters()).device
-    split = getattr(dataset, split_name)
-    index = torch.arange(len(split.labels)) if index is None else torch.as_tensor(index)
+    return _score(net, dataset, _prepared(dataset, split_name, index, device), batch_size, device, amp)
+
+
+@torch.no_grad()
+def _score(net, dataset, prepared: tuple, batch_size: int, device: torch.device, amp: bool) -> dict:
+    images, labels, order = prepared
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net.eval()
-    images, labels, order = _resident(split, index, device)
     predictions, loss_sum = [], torch.zeros((), device=device)
     for batch, batch_labels in _batches(images, labels, order, batch_size, dataset, device, memory_format):
         with _autocast(device, amp):
@@ -163,11 +172,11 @@ def evaluate(net, dataset, split_name: str, index=None, *, batch_size: int = 256
         loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum")
         predictions.append(logits.argmax(1))
     predicted = torch.cat(predictions).cpu().numpy()
-    truth = split.labels[index].numpy()
+    truth = labels[order].cpu().numpy()
     return {
         "macro_acc": float(balanced_accuracy_score(truth, predicted)),
         "top1": float((predicted == truth).mean()),
-        "loss": loss_sum.item() / max(1, len(index)),
+        "loss": loss_sum.item() / max(1, len(order)),
     }
 
 
@@ -195,6 +204,7 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
     order = torch.Generator().manual_seed(seed)
     train_idx = torch.arange(len(dataset.train.labels)) if train_idx is None else torch.as_tensor(train_idx)
     images, labels, positions = _resident(dataset.train, train_idx, device)
+    validation = _prepared(dataset, "val", val_idx, device)  # once per run, not once per epoch
     trainable = sum(p.numel() for g in groups for p in g["params"])
 
     result = TrainResult(status="ok", best_epoch=-1, epochs=0, val={}, trainable_params=trainable)
@@ -228,7 +238,7 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
                         train_loss, epoch, seed)
             result.status = "diverged"
             break
-        val = evaluate(net, dataset, "val", val_idx, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp)
+        val = _score(net, dataset, validation, cfg.eval_batch_size, device, cfg.amp)
         if not math.isfinite(val["loss"]):
             result.status = "diverged"
             break
