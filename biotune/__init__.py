@@ -8,6 +8,7 @@ Public API::
     biotune.final(result.run_id)
     groups = biotune.apply_recipe(my_net, result.folder / "recipe.json", base_lr=1e-3)
 """
+from .batch import run_many, run_method
 from .config import Config, ConfigError
 from .config import resolve as resolve_config
 from .data import list_datasets, load_dataset, make_folds
@@ -23,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "RunStore", "apply_recipe", "compare", "create_model", "decode", "encode",
     "evaluate", "final", "frozen_modules", "list_datasets", "list_methods", "list_models", "load_dataset",
-    "load_recipe", "make_folds", "resolve_config", "run_baseline", "search", "train",
+    "load_recipe", "make_folds", "resolve_config", "run_baseline", "run_many", "run_method", "search", "train",
 ]

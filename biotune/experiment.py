@@ -119,9 +119,9 @@ def _overrides(dataset, model, overrides, store) -> dict:
     return extra
 
 
-def _start_run(config: cfg.Config, store: RunStore, *, kind: str, method: str) -> tuple[str, Path]:
+def _start_run(config: cfg.Config, store: RunStore, *, kind: str, method: str, **meta_extra) -> tuple[str, Path]:
     run_id = new_run_id(method, config.data.dataset)
-    meta = run_metadata(config.train.device)
+    meta = run_metadata(config.train.device) | meta_extra
     store.create_run(run_id, kind=kind, method=method, config=config.to_dict(), meta=meta)
     folder = run_dir(config, run_id)
     _write_json(folder / "config.json", config.to_dict())
@@ -293,17 +293,29 @@ def final(run_id: str, *, store: str | Path | None = None, progress: bool = True
 
 def run_baseline(method: str, dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
                  config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
-                 grid: list[dict] | None = None, store: str | Path | None = None,
+                 grid: list[dict] | None = None, store: str | Path | None = None, reuse: bool = False,
                  progress: bool = True) -> tuple[str, pd.DataFrame]:
     """A baseline through the same data, trainer, seeds and final protocol as BioTune.
 
     ``grid``: hyperparameter settings to choose from on validation (default: the method's grid,
-    baselines.md); ``[{}]`` runs the method's defaults only.
+    baselines.md); ``[{}]`` runs the method's defaults only. With ``reuse``, a run of the same
+    method, resolved config and grid already in the store is returned if finished and continued
+    if not, instead of starting a new one.
     """
     method_class = METHODS.get(method)
     config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
+    grid = grid if grid is not None else method_class.grid
     store_obj = RunStore(config.store_path)
-    run_id, _ = _start_run(config, store_obj, kind="baseline", method=method)
+    previous = store_obj.matching_run(method, config.to_dict(), {"grid": grid}) if reuse else None
+    if previous is not None and previous["status"] == "finished":
+        log.info("run %s: the same baseline is already in the store; reusing it", previous["run_id"])
+        return previous["run_id"], store_obj.select_final_setting(previous["run_id"], method)
+    if previous is not None:
+        run_id = previous["run_id"]
+        log.info("run %s: continuing its unfinished final protocol", run_id)
+        store_obj.set_status(run_id, "running")
+    else:
+        run_id, _ = _start_run(config, store_obj, kind="baseline", method=method, grid=grid)
     try:
         finals = final_protocol(config, store_obj, run_id, method, method_class, grid, progress=progress)
     except BaseException:

@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS finals (
 """
 
 JSON_COLUMNS = ("genes", "trained", "multipliers", "per_seed")
+RUN_LOCATION_KEYS = ("store", "results_dir")  # where a run is written, not what it computes
 
 
 class RunNotFoundError(KeyError):
@@ -138,6 +139,23 @@ class RunStore:
             else:
                 db.execute("UPDATE runs SET status = ?, result = ?, finished_at = ? WHERE run_id = ?",
                            (status, json.dumps(result), time.time(), run_id))
+
+    def matching_run(self, method: str, config: dict, meta_match: dict | None = None) -> dict | None:
+        """The newest run of ``method`` with the same resolved config (store and results folder
+        aside) and ``meta_match`` items in its metadata; finished runs first. Lets a batch that
+        stopped part-way reuse what is done and continue what is not."""
+        def same(stored: dict) -> bool:
+            return all(stored.get(k) == v for k, v in config.items() if k not in RUN_LOCATION_KEYS)
+
+        rows = self.db.execute(
+            "SELECT run_id FROM runs WHERE method = ? AND dataset = ? AND model = ? AND preset = ?"
+            " ORDER BY status = 'finished' DESC, started_at DESC",
+            (method, config["data"]["dataset"], config["model"]["name"], config["preset"])).fetchall()
+        for (run_id,) in rows:
+            run = self.run(run_id)
+            if same(run["config"]) and all(run["meta"].get(k) == v for k, v in (meta_match or {}).items()):
+                return run
+        return None
 
     def runs(self) -> pd.DataFrame:
         frame = pd.read_sql_query(

@@ -1,32 +1,41 @@
 """Every searcher and baseline on one dataset under one preset, then one `biotune compare` table.
 
     .venv/bin/python scripts/compare_methods.py --dataset digits --preset demo
+    python scripts/compare_methods.py --dataset fashion_mnist --preset cpu --jobs 11 \\
+        --set train.device=cuda --set train.num_threads=1        # a GPU box, rows in parallel
 
 Each row goes through the same data, trainer, seeds and final protocol; the searchers spend
-BioTune's budget; baselines with hyperparameters train their whole grid (counted).
+BioTune's budget; baselines with hyperparameters train their whole grid (counted). Rows already
+in the store with the same config are reused and unfinished ones resumed, so rerunning the
+command after a kill continues where it stopped.
 """
 import argparse
+import sys
 
 import biotune
+from biotune.batch import SEARCHERS
 
-SEARCHERS = ("biotune", "random", "tpe", "cmaes")
 BASELINES = ("full", "linear_probe", "lp_ft", "l2_sp", "l1_sp", "autorgn", "lora")
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--dataset", default="fashion_mnist")
-parser.add_argument("--preset", default="cpu")
-parser.add_argument("--store", default="results/runs.sqlite")
-args = parser.parse_args()
+if __name__ == "__main__":  # the parallel rows run in spawned processes that import this file
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--store", default="results/runs.sqlite")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every row, e.g. train.device=cuda")
+    args = parser.parse_args()
 
-run_ids = []
-for searcher in SEARCHERS:
-    result = biotune.search(args.dataset, preset=args.preset, overrides={"ga.searcher": searcher},
-                            store=args.store, progress=False)
-    biotune.final(result.run_id, store=args.store, progress=False)
-    run_ids.append(result.run_id)
-for method in BASELINES:
-    run_ids.append(biotune.run_baseline(method, args.dataset, preset=args.preset, store=args.store,
-                                        progress=False)[0])
-table = biotune.compare(run_ids, store=args.store)
-print(table.drop(columns=["run_id", "dataset", "model"]).to_string(index=False))
-print("biotune compare " + " ".join(run_ids))
+    rows = [{"method": method, "dataset": args.dataset, "model": args.model, "preset": args.preset,
+             "overrides": args.set} for method in (*SEARCHERS, *BASELINES)]
+    outcome = biotune.run_many(rows, jobs=args.jobs, store=args.store, progress=args.jobs == 1)
+    failed = outcome[outcome["status"] != "ok"]
+    done = outcome.loc[outcome["status"] == "ok", "run_id"].tolist()
+    table = biotune.compare(done, store=args.store)
+    print(table.drop(columns=["run_id", "dataset", "model"]).to_string(index=False))
+    print("biotune compare " + " ".join(done))
+    if len(failed):
+        print(failed[["method", "error"]].to_string(index=False), file=sys.stderr)
+        sys.exit(1)

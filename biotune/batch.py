@@ -1,0 +1,98 @@
+"""Experiment rows: one method on one dataset and model under a preset, run once and reused.
+
+A row is a searcher (``biotune``, ``random``, ``tpe``, ``cmaes``: search, then the final
+protocol) or a baseline (``full``, ``lp_ft``, ...). ``run_method`` looks for the same row in
+the run store first: a finished run is returned as is, an unfinished one is resumed. So a
+notebook or a batch that was killed part-way continues where it stopped when rerun, and
+rerunning a finished notebook trains nothing. ``run_many`` runs a list of rows, optionally in
+parallel processes (one GPU serves several small runs at once), and goes on past a failed row.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import pandas as pd
+
+from . import config as cfg
+from .experiment import _overrides, final, run_baseline, search
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+SEARCHERS = cfg.CHOICES["ga.searcher"]
+ROW_KEYS = ("method", "dataset", "model", "preset", "overrides", "config_file", "label")
+
+
+def run_method(method: str, dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
+               config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
+               store: str | Path | None = None, reuse: bool = True, progress: bool = True) -> str:
+    """Run one row (search + final protocol, or a baseline with its grid) and return its run id.
+
+    ``biotune.run_method("tpe", "digits", preset="cpu", overrides={"ga.population": 8})``
+    """
+    if method not in SEARCHERS:
+        return run_baseline(method, dataset, model, preset, config_file=config_file, overrides=overrides,
+                            store=store, reuse=reuse, progress=progress)[0]
+    overrides = _with_searcher(overrides, method)
+    config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
+    previous = RunStore(config.store_path).matching_run(method, config.to_dict()) if reuse else None
+    if previous is None:
+        run_id = search(dataset, model, preset, config_file=config_file, overrides=overrides, store=store,
+                        progress=progress).run_id
+    else:
+        run_id = previous["run_id"]
+        if previous["status"] != "finished":
+            log.info("run %s: resuming the unfinished search", run_id)
+            search(resume=run_id, store=config.store_path, progress=progress)
+        else:
+            log.info("run %s: the same search is already in the store; reusing it", run_id)
+    final(run_id, store=config.store_path, progress=progress)  # finished seeds are skipped
+    return run_id
+
+
+def _with_searcher(overrides: list[str] | dict | None, searcher: str) -> list[str] | dict:
+    if isinstance(overrides, dict):
+        return {**overrides, "ga.searcher": searcher}
+    return [*(overrides or []), f"ga.searcher={searcher}"]
+
+
+def run_many(rows: list[dict], *, jobs: int = 1, store: str | Path | None = None,
+             progress: bool = False) -> pd.DataFrame:
+    """Run experiment rows (dicts with ``method`` and optionally ``dataset``, ``model``,
+    ``preset``, ``overrides``, ``config_file``, ``label``); return one line per row with its run
+    id, or its error when it failed. ``jobs > 1`` runs rows in that many spawned processes."""
+    for row in rows:
+        unknown = set(row) - set(ROW_KEYS)
+        if unknown or "method" not in row:
+            raise ValueError(f"experiment row {row!r}: needs 'method'; allowed keys are {', '.join(ROW_KEYS)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    outcomes = [None] * len(rows)
+    if jobs == 1:
+        for index, row in enumerate(rows):
+            outcomes[index] = _run_row(row, store, progress)
+    else:
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(_run_row, row, store, False): index for index, row in enumerate(rows)}
+            for future in as_completed(futures):
+                outcomes[futures[future]] = future.result()
+    return pd.DataFrame([{"label": row.get("label"), "method": row["method"], "dataset": row.get("dataset"),
+                          "model": row.get("model"), **outcome} for row, outcome in zip(rows, outcomes)])
+
+
+def _run_row(row: dict, store, progress: bool) -> dict:
+    """One row; an exception becomes the row's error so the other rows still run."""
+    started = time.time()
+    arguments = {k: v for k, v in row.items() if k not in ("method", "label")}
+    try:
+        run_id = run_method(row["method"], store=store, progress=progress, **arguments)
+    except Exception as error:  # noqa: BLE001 - reported in the summary, the batch goes on
+        log.error("row %s failed: %s: %s", row, type(error).__name__, error)
+        return {"run_id": None, "status": "failed", "error": f"{type(error).__name__}: {error}",
+                "seconds": round(time.time() - started, 1)}
+    return {"run_id": run_id, "status": "ok", "error": None, "seconds": round(time.time() - started, 1)}
