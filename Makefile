@@ -9,7 +9,7 @@ DEVICE ?= auto
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: help setup data test test-fast demo lint bench clean
+.PHONY: help setup data test test-fast demo lint bench clean experiments ablations figures notebooks notebooks-smoke
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,23 @@ demo: setup  ## small search + final protocol vs full FT and linear probing (a f
 
 bench: setup  ## seconds per fitness evaluation and images per second (PRESET=cpu)
 	$(BIN)/biotune bench --preset $(PRESET) --train.device $(DEVICE)
+
+NOTEBOOKS = $(BIN)/biotune notebooks run notebooks/$(PRESET).yaml -p device=$(DEVICE)
+
+experiments: setup  ## notebook 01: datasets x models x methods (PRESET=cpu|paper, DEVICE=auto|cuda)
+	$(NOTEBOOKS) --only 01_main_experiments
+
+ablations: setup  ## notebook 02: no LR genes, no freezing, population sizes, GA variant, searchers
+	$(NOTEBOOKS) --only 02_ablations
+
+figures: setup  ## notebook 03: figures from the run store (PNG + PDF under results/figures/)
+	$(NOTEBOOKS) --only 03_figures
+
+notebooks: setup  ## the whole plan notebooks/$(PRESET).yaml (add FORCE=1 to rerun finished notebooks)
+	$(NOTEBOOKS) $(if $(FORCE),--force)
+
+notebooks-smoke: $(STAMP)  ## every notebook with the smoke plan (about a minute)
+	$(BIN)/biotune notebooks run notebooks/smoke.yaml $(if $(FORCE),--force)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check biotune tests

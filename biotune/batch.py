@@ -9,6 +9,8 @@ parallel processes (one GPU serves several small runs at once), and goes on past
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import multiprocessing
 import time
@@ -19,6 +21,8 @@ import pandas as pd
 
 from . import config as cfg
 from .experiment import _overrides, final, run_baseline, search
+from .ga import evaluation_schedule
+from .report import variant
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -96,3 +100,48 @@ def _run_row(row: dict, store, progress: bool) -> dict:
         return {"run_id": None, "status": "failed", "error": f"{type(error).__name__}: {error}",
                 "seconds": round(time.time() - started, 1)}
     return {"run_id": run_id, "status": "ok", "error": None, "seconds": round(time.time() - started, 1)}
+
+
+def ablation_rows(preset: str, dataset: str | None = None, model: str | None = None, *,
+                  populations: list[int] = (4, 6, 10, 20), encodings: list[str] = ("no_lr_genes", "no_freezing"),
+                  reference: bool = True, searchers: list[str] = ("random", "tpe", "cmaes"),
+                  overrides: dict | None = None) -> list[dict]:
+    """The ablation study's rows for ``run_many``: BioTune as the preset has it; without LR genes
+    and without freezing; each population size at the preset's number of generations and at the
+    preset's budget of evaluations; the released code's GA variant; the searchers at BioTune's
+    budget. Rows equal to another row's config are left out (they would be the same run); each
+    row's label is ``report.variant`` of its config, the name the figures use."""
+    overrides = dict(overrides or {})
+    base = cfg.resolve(preset, overrides=_overrides(dataset, model, overrides, None)).ga
+    n_folds = cfg.num_folds(base.train_split)
+    budget = len(evaluation_schedule(base, n_folds))
+    changes = [{}, *({"ga.encoding": encoding} for encoding in encodings)]
+    if reference:
+        changes.append({"ga.ga_variant": "reference"})
+    for population in populations:
+        sizes = {"ga.population": population, "ga.elites": min(base.elites, population - 1)}
+        same_budget = generations_for_budget(base, population, sizes["ga.elites"], budget, n_folds)
+        changes += [sizes, {**sizes, "ga.generations": same_budget}]
+    changes += [{"ga.searcher": searcher} for searcher in searchers]
+    rows, seen = [], set()
+    for change in changes:
+        merged = {**overrides, **change}
+        config = cfg.resolve(preset, overrides=_overrides(dataset, model, merged, None)).to_dict()
+        key = json.dumps(config, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            method = merged.pop("ga.searcher", "biotune")
+            rows.append({"method": method, "dataset": dataset, "model": model, "preset": preset,
+                         "overrides": merged, "label": variant(config)})
+    return rows
+
+
+def generations_for_budget(base: cfg.GAConfig, population: int, elites: int, budget: int, n_folds: int) -> int:
+    """The number of generations (at least 1) whose evaluation count comes closest to ``budget``
+    for this population; ties go to the smaller count so no variant gets more than BioTune."""
+    def spent(generations: int) -> int:
+        ga = dataclasses.replace(base, population=population, elites=elites, generations=generations)
+        return len(evaluation_schedule(ga, n_folds))
+
+    candidates = range(1, budget + 1)
+    return min(candidates, key=lambda t: (abs(spent(t) - budget), spent(t)))

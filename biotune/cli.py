@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="seconds per fitness evaluation and training images per second")
     bench.add_argument("--preset", default="cpu", choices=PRESETS)
     bench.add_argument("--evaluations", type=int, default=3)
+
+    notebooks = sub.add_parser("notebooks", help="run a plan of notebooks through papermill")
+    notebook_commands = notebooks.add_subparsers(dest="notebooks_command", required=True)
+    run_plan = notebook_commands.add_parser("run", help="execute a plan (notebooks/smoke.yaml, cpu.yaml, paper.yaml)")
+    run_plan.add_argument("plan", help="YAML plan: name, parameters, runs of {notebook, name, parameters}")
+    run_plan.add_argument("--only", action="append", metavar="NAME", help="run only this entry, or every entry of this notebook (repeatable)")
+    run_plan.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
+                          help="parameter for every selected notebook, value parsed as YAML (e.g. device=cuda)")
+    run_plan.add_argument("--force", action="store_true", help="rerun notebooks that finished before")
+    run_plan.add_argument("--output-dir", default="results/notebooks", help="executed notebooks go to DIR/<plan name>/")
+    run_plan.add_argument("--kernel", default="python3", help="Jupyter kernel (default: this Python)")
+    params = notebook_commands.add_parser("params", help="a notebook's parameters, defaults and help")
+    params.add_argument("notebook")
     return parser
 
 
@@ -100,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = _overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
     try:
         return _run(args, overrides)
-    except (cfg.ConfigError, ValueError, KeyError, FileNotFoundError) as error:
+    except (cfg.ConfigError, ValueError, KeyError, FileNotFoundError) as error:  # PlanError is a ValueError
         print(f"biotune: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -157,8 +170,32 @@ def _run(args, overrides: list[str]) -> int:
         table, folder = experiment.demo(preset=args.preset, store=args.store, progress=progress)
         _print_table(table)
         print(f"convergence figure and tables: {folder}")
+    elif args.command == "notebooks":
+        return _notebooks(args)
     elif args.command == "bench":
         from .bench import run_bench
 
         _print_table(run_bench(preset=args.preset, evaluations=args.evaluations, overrides=overrides))
+    return 0
+
+
+def _notebooks(args) -> int:
+    """`notebooks run`: the summary table, exit status 1 if any notebook failed; `notebooks params`."""
+    from . import notebooks
+
+    if args.notebooks_command == "params":
+        _print_table(pd.DataFrame([{"name": name, **info} for name, info in
+                                   notebooks.notebook_parameters(args.notebook).items()]))
+        return 0
+    extra = cfg.parse_overrides(args.parameter)
+    if any(isinstance(value, dict) for value in extra.values()):
+        raise cfg.ConfigError("notebook parameters are plain names: -p device=cuda, not -p a.b=c")
+    summary = notebooks.run_plan(args.plan, output_dir=args.output_dir, force=args.force, only=args.only,
+                                 extra_parameters=extra, kernel_name=args.kernel)
+    _print_table(summary)
+    failed = summary[summary["status"] == "failed"]
+    if len(failed):
+        print(f"biotune: {len(failed)} of {len(summary)} notebooks failed: {', '.join(failed['name'])}; "
+              "the executed copies above show the failing cell", file=sys.stderr)
+        return 1
     return 0

@@ -10,7 +10,6 @@ import json
 import logging
 import platform
 import secrets
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from .genome import decode, make_recipe, num_genes, recipe_table, save_recipe
 from .methods import METHODS, PlanMethod
 from .models import create_model, model_preprocess
 from .plots import convergence
+from .report import mean_std, summary
 from .searchers import Searcher
 from .store import RunStore
 from .train import evaluate, resolve_device
@@ -328,31 +328,15 @@ def run_baseline(method: str, dataset: str | None = None, model: str | None = No
 def compare(run_ids: list[str], *, store: str | Path | None = None) -> pd.DataFrame:
     """One row per run: test macro accuracy and top-1 (mean±std over seeds, of the setting chosen
     on validation), trainable share, seconds and training runs (search + grid + final)."""
-    store_obj = RunStore(store)
-    rows = []
-    for run_id in run_ids:
-        run = store_obj.run(run_id)
-        finals = store_obj.finals(run_id)
-        evaluations = store_obj.evaluations(run_id)
-        chosen = finals[finals["selected"] == 1]
-        ok = chosen[chosen["status"] == "ok"]
-        rows.append({
-            "run_id": run_id, "method": run["method"], "dataset": run["dataset"], "model": run["model"],
-            "setting": chosen["setting"].iloc[0] if len(chosen) else None,
-            "test_macro_acc": _mean_std(ok["test_macro_acc"]), "test_top1": _mean_std(ok["test_top1"]),
-            "trainable_share": round(float(chosen["trainable_share"].mean()), 4) if len(chosen) else None,
-            "seconds": round(float(evaluations["seconds"].sum() + finals["seconds"].sum()), 1),
-            "train_runs": int(evaluations["train_runs"].sum() + finals["train_runs"].sum()),
-        })
-    return pd.DataFrame(rows)
-
-
-def _mean_std(values: pd.Series) -> str:
-    values = [float(v) for v in values if pd.notna(v)]
-    if not values:
-        return "n/a"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.2f}±{100 * spread:.2f}"
+    table = summary(store, run_ids)
+    return pd.DataFrame({
+        "run_id": table["run_id"], "method": table["method"], "dataset": table["dataset"],
+        "model": table["model"], "setting": table["setting"],
+        "test_macro_acc": [mean_std(m, s) for m, s in zip(table["test_macro_acc"], table["test_macro_acc_std"])],
+        "test_top1": [mean_std(m, s) for m, s in zip(table["test_top1"], table["test_top1_std"])],
+        "trainable_share": table["trainable_share"].astype(float).round(4), "seconds": table["seconds"].round(1),
+        "train_runs": table["train_runs"],
+    })
 
 
 def demo(preset: str = "demo", *, store: str | Path | None = None, progress: bool = True) -> tuple[pd.DataFrame, Path]:

@@ -1,6 +1,8 @@
 """Figure functions: each takes tidy DataFrames from the run store and returns a figure."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
@@ -41,5 +43,118 @@ def convergence(evaluations: pd.DataFrame, generations: pd.DataFrame | None = No
         per_generation.legend(fontsize="small")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, folder: str | Path, name: str) -> list[Path]:
+    """Write ``name``.png (for the README and notebooks) and ``name``.pdf (for papers)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
+    for path in paths:
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+    return paths
+
+
+def searcher_convergence(history: pd.DataFrame, logbooks: pd.DataFrame | None = None) -> plt.Figure:
+    """Per dataset (columns): best-so-far fitness against evaluations spent, one line per search
+    variant (top); BioTune's best and mean population fitness per generation (bottom).
+
+    ``history`` is ``report.search_history``; ``logbooks`` is ``report.generation_log``.
+    """
+    set_style()
+    datasets = sorted(history["dataset"].unique())
+    panels = 2 if logbooks is not None and len(logbooks) else 1
+    fig, axes = plt.subplots(panels, len(datasets), figsize=(5.2 * len(datasets), 3.8 * panels), squeeze=False)
+    for column, dataset in enumerate(datasets):
+        spent = axes[0, column]
+        for label, frame in history[history["dataset"] == dataset].groupby("variant", sort=True):
+            spent.step(frame["spent"], frame["best_so_far"], where="post", label=label)
+        spent.set(xlabel="fitness evaluations spent", ylabel="best fitness so far", title=dataset)
+        spent.legend(fontsize="x-small")
+        if panels == 2:
+            per_generation = axes[1, column]
+            for run_id, log in logbooks[logbooks["dataset"] == dataset].groupby("run_id", sort=False):
+                line, = per_generation.plot(log["generation"], log["best"], marker="o", label=f"best {run_id[-4:]}")
+                per_generation.plot(log["generation"], log["mean"], linestyle="--", color=line.get_color(),
+                                    label=f"mean {run_id[-4:]}")
+            per_generation.xaxis.set_major_locator(MaxNLocator(integer=True))
+            per_generation.set(xlabel="generation (-1: initial population)", ylabel="population fitness",
+                               title=f"{dataset}: BioTune per generation")
+            per_generation.legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def recipe_heatmap(recipes: pd.DataFrame) -> plt.Figure:
+    """Rows: the best genome of each search (dataset, variant); columns: blocks in model order;
+    cells: the block's learning-rate multiplier, blank where the block is frozen.
+
+    ``recipes`` is ``report.best_recipes``.
+    """
+    set_style()
+    recipes = recipes.assign(row=recipes["dataset"] + " · " + recipes["variant"])
+    blocks = recipes.sort_values("order").drop_duplicates("block")["block"].tolist()
+    grid = recipes.pivot_table(index="row", columns="block", values="multiplier", aggfunc="first", dropna=False)
+    grid = grid.reindex(columns=blocks)
+    fig, ax = plt.subplots(figsize=(1.1 * len(blocks) + 3, 0.55 * len(grid) + 1.8))
+    sns.heatmap(grid.astype(float), annot=True, fmt=".2f", cmap="viridis", cbar_kws={"label": "LR multiplier"},
+                linewidths=0.5, linecolor="white", ax=ax)
+    ax.set_facecolor("0.85")  # frozen blocks show the grey background
+    ax.grid(False)
+    ax.set(xlabel="block (grey: frozen)", ylabel="")
+    ax.set_title("best genome per search: trained blocks and their learning-rate multipliers")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_share(table: pd.DataFrame) -> plt.Figure:
+    """Test macro accuracy (mean ± std over seeds) against the share of parameters trained, one
+    marker per run; ``table`` is ``report.summary``."""
+    set_style()
+    datasets = sorted(table["dataset"].unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        frame = table[table["dataset"] == dataset]
+        ax.errorbar(frame["trainable_share"], 100 * frame["test_macro_acc"],
+                    yerr=100 * frame["test_macro_acc_std"].fillna(0), fmt="none", ecolor="0.6")
+        sns.scatterplot(data=frame.assign(accuracy=100 * frame["test_macro_acc"]), x="trainable_share",
+                        y="accuracy", hue="variant", style="variant", s=70, ax=ax)
+        ax.set(xlabel="share of parameters trained", ylabel="test macro accuracy (%)", title=dataset)
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def ablation_bars(table: pd.DataFrame) -> plt.Figure:
+    """Test macro accuracy per search variant (bars, ± std over seeds) with each variant's budget
+    in evaluations written on its bar; ``table`` is ``report.summary`` of the ablation runs."""
+    set_style()
+    datasets = sorted(table["dataset"].unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 0.45 * table["variant"].nunique() + 2),
+                             squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        frame = table[table["dataset"] == dataset].sort_values("variant")
+        accuracy = 100 * frame["test_macro_acc"]
+        ax.barh(frame["variant"], accuracy, xerr=100 * frame["test_macro_acc_std"].fillna(0), color="C0", alpha=0.8)
+        for y, (value, budget) in enumerate(zip(accuracy, frame["evaluations"])):
+            ax.text(value, y, f" {value:.1f} ({budget} ev.)", va="center", fontsize="x-small")
+        low = accuracy.min()
+        ax.set_xlim(max(0, low - 10), min(100, accuracy.max() + 6))
+        ax.invert_yaxis()  # first variant (plain BioTune) on top
+        ax.set(xlabel="test macro accuracy (%)", ylabel="", title=dataset)
+    fig.tight_layout()
+    return fig
+
+
+def time_per_evaluation(history: pd.DataFrame) -> plt.Figure:
+    """Seconds per fitness evaluation (cache hits excluded), per search variant and dataset;
+    ``history`` is ``report.search_history``."""
+    set_style()
+    trained = history[~history["cache_hit"]]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * trained["variant"].nunique() * trained["dataset"].nunique() + 2))
+    sns.boxplot(data=trained, x="seconds", y="variant", hue="dataset", ax=ax, fliersize=2)
+    ax.set(xlabel="seconds per fitness evaluation", ylabel="", title="time per evaluation")
     fig.tight_layout()
     return fig

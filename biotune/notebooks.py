@@ -1,0 +1,180 @@
+"""Batches of notebooks through papermill: ``biotune notebooks run notebooks/cpu.yaml``.
+
+A plan is a YAML file::
+
+    name: cpu                  # executed notebooks go to <output_dir>/cpu/
+    parameters: {preset: cpu}  # given to every notebook of the plan
+    runs:
+      - notebook: 02_ablations.ipynb      # relative to the plan's folder
+        name: 02_ablations                # optional, default the notebook's stem
+        parameters: {dataset: digits}     # this notebook only; wins over the plan's
+
+Every parameter name is checked against the notebook's ``parameters`` cell before anything runs
+(an unknown name is an error listing the valid ones), and so is its type where the cell
+annotates one. A failed notebook is reported and the batch goes on; the summary says which
+failed. A notebook that finished with the same parameters and the same source is skipped
+unless forced, so a batch that was stopped continues where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import papermill
+import yaml
+
+log = logging.getLogger(__name__)
+
+PLAN_KEYS = {"name", "parameters", "runs"}
+RUN_KEYS = {"notebook", "name", "parameters"}
+ANNOTATED_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,),
+                   "dict": (dict,)}
+
+
+class PlanError(ValueError):
+    """A plan that cannot run: unknown keys, missing notebooks, unknown or mistyped parameters."""
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    notebook: Path
+    parameters: dict
+
+
+def notebook_parameters(notebook: str | Path) -> dict:
+    """Name -> {default, type, help} from the notebook's cell tagged ``parameters``."""
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise PlanError(f"notebook {notebook} does not exist")
+    found = papermill.inspect_notebook(str(notebook))
+    if not found:
+        raise PlanError(f"{notebook} has no cell tagged 'parameters'; papermill needs one to inject values")
+    return {name: {"default": info["default"], "type": info["inferred_type_name"], "help": info["help"]}
+            for name, info in found.items()}
+
+
+def load_plan(path: str | Path, extra_parameters: dict | None = None, only: list[str] | None = None
+              ) -> tuple[str, list[NotebookRun]]:
+    """Read and check a plan; ``extra_parameters`` (e.g. ``device``) go to every selected run;
+    ``only`` selects entries by name or by notebook (``03_figures`` selects all its entries)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan {path} does not exist; the shipped ones are notebooks/smoke.yaml, cpu.yaml, paper.yaml")
+    plan = yaml.safe_load(path.read_text()) or {}
+    _check_keys(plan, PLAN_KEYS, f"plan {path}")
+    if not plan.get("runs"):
+        raise PlanError(f"plan {path} lists no runs; add a 'runs:' list of {{notebook: ..., parameters: ...}}")
+    runs, problems = [], []
+    for index, entry in enumerate(plan["runs"]):
+        _check_keys(entry, RUN_KEYS, f"plan {path}, run {index + 1}")
+        if "notebook" not in entry:
+            raise PlanError(f"plan {path}, run {index + 1}: needs a 'notebook:' path")
+        notebook = (path.parent / entry["notebook"]).resolve()
+        name = entry.get("name") or notebook.stem
+        runs.append(NotebookRun(name, notebook, {**(plan.get("parameters") or {}), **(entry.get("parameters") or {}),
+                                                 **(extra_parameters or {})}))
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise PlanError(f"plan {path}: run names must be unique, got {names}; give repeated notebooks a 'name:'")
+    if only:  # an entry's name, or a notebook's stem for all of its entries
+        known = set(names) | {run.notebook.stem for run in runs}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise PlanError(f"plan {path} has no run named {', '.join(unknown)}; its runs: {', '.join(names)}")
+        runs = [run for run in runs if run.name in only or run.notebook.stem in only]
+    for run in runs:
+        problems += _check_parameters(run)
+    if problems:
+        raise PlanError(f"plan {path}:\n  " + "\n  ".join(problems))
+    return plan.get("name") or path.stem, runs
+
+
+def _check_keys(mapping, allowed: set, where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise PlanError(f"{where} must be a mapping with keys {', '.join(sorted(allowed))}")
+    unknown = set(mapping) - allowed
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_parameters(run: NotebookRun) -> list[str]:
+    """Unknown names and values of the wrong annotated type, as messages."""
+    declared = notebook_parameters(run.notebook)
+    problems = []
+    for name, value in run.parameters.items():
+        if name not in declared:
+            problems.append(f"{run.name}: unknown parameter {name!r}; {run.notebook.name} takes "
+                            f"{', '.join(declared)}")
+        elif not _has_type(value, declared[name]["type"]):
+            problems.append(f"{run.name}: parameter {name!r} must be {declared[name]['type']}, got {value!r}")
+    return problems
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether ``value`` fits a parameters-cell annotation such as ``int`` or ``Optional[str]``;
+    papermill reports an unannotated parameter as ``None``, which accepts anything."""
+    if annotation.startswith("Optional[") and annotation.endswith("]"):
+        return value is None or _has_type(value, annotation[len("Optional["):-1])
+    allowed = ANNOTATED_TYPES.get(annotation)
+    if allowed is None:  # unannotated, or a type this check does not know
+        return True
+    if isinstance(value, bool):  # bool is an int to Python, not to a reader of the plan
+        return bool in allowed
+    return isinstance(value, allowed)
+
+
+def run_plan(path: str | Path, *, output_dir: str | Path = "results/notebooks", force: bool = False,
+             only: list[str] | None = None, extra_parameters: dict | None = None,
+             kernel_name: str = "python3") -> pd.DataFrame:
+    """Execute a plan's notebooks in order; return one row per run with its status
+    (``ok``, ``skipped`` or ``failed``), seconds, executed notebook and error."""
+    plan_name, runs = load_plan(path, extra_parameters, only)
+    folder = Path(output_dir) / plan_name
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in runs:
+        output, marker = folder / f"{run.name}.ipynb", folder / f"{run.name}.done.json"
+        signature = {"parameters": run.parameters, "notebook_sha256": _sha256(run.notebook)}
+        row = {"name": run.name, "output": str(output), "error": None}
+        if not force and marker.is_file() and _same_signature(marker, signature):
+            log.info("%s: finished before with the same parameters; skipped (force to rerun)", run.name)
+            rows.append({**row, "status": "skipped", "seconds": 0.0})
+            continue
+        marker.unlink(missing_ok=True)
+        log.info("%s: executing %s -> %s", run.name, run.notebook, output)
+        started = time.time()
+        try:
+            papermill.execute_notebook(str(run.notebook), str(output), parameters=run.parameters,
+                                       kernel_name=kernel_name, cwd=os.getcwd(), progress_bar=False)
+        except Exception as error:  # noqa: BLE001 - a failed notebook is reported, the batch goes on
+            log.error("%s failed; the executed notebook %s shows where", run.name, output)
+            rows.append({**row, "status": "failed", "seconds": round(time.time() - started, 1),
+                         "error": _short_error(error)})
+            continue
+        seconds = round(time.time() - started, 1)
+        marker.write_text(json.dumps({**signature, "seconds": seconds, "finished_at": time.time()}, indent=2))
+        rows.append({**row, "status": "ok", "seconds": seconds})
+    return pd.DataFrame(rows, columns=["name", "status", "seconds", "output", "error"])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _same_signature(marker: Path, signature: dict) -> bool:
+    stored = json.loads(marker.read_text())
+    return all(stored.get(key) == value for key, value in signature.items())
+
+
+def _short_error(error: Exception) -> str:
+    """The exception's name and first message line (papermill's carries the cell's traceback)."""
+    name = getattr(error, "ename", type(error).__name__)
+    value = getattr(error, "evalue", str(error))
+    return f"{name}: {str(value).strip().splitlines()[0] if str(value).strip() else ''}"

@@ -1,0 +1,136 @@
+"""Tables read from the run store only (no training): what the notebooks and figures show.
+
+Every finished run becomes one row with its numbers (test accuracy mean and std over seeds of
+the setting chosen on validation, trainable share, budget, seconds) and a ``variant`` name
+derived from its config, so a figure can tell "no LR genes" or "N=10, T=4" from plain BioTune
+without any bookkeeping outside the store.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import config as cfg
+from .store import RunStore
+
+SEARCHER_NAMES = {"biotune": "BioTune", "random": "random search", "tpe": "TPE", "cmaes": "CMA-ES"}
+
+# The paper's reported test accuracies (paper.md, "presumably ResNet-50"): BioTune and full
+# fine-tuning on nine datasets, every baseline on Flowers-102. Long form: dataset, variant, value.
+_PAPER_BIOTUNE_FULL = {"flowers102": (91.68, 85.33), "fgvc_aircraft": (64.40, 58.68), "isic2020": (82.90, 78.91),
+                       "dtd": (69.27, 68.03), "cifar10": (96.09, 95.65), "stl10": (97.50, 97.33),
+                       "mnist": (99.13, 98.96), "usps": (97.57, 97.05), "svhn": (95.85, 96.08)}
+_PAPER_FLOWERS = {"l1_sp": 87.82, "lora": 86.01, "autorgn": 85.5, "l2_sp": 85.29, "linear_probe": 82.72}
+PAPER_RESULTS = pd.DataFrame(
+    [(d, "BioTune", b) for d, (b, _) in _PAPER_BIOTUNE_FULL.items()]
+    + [(d, "full", f) for d, (_, f) in _PAPER_BIOTUNE_FULL.items()]
+    + [("flowers102", method, value) for method, value in _PAPER_FLOWERS.items()],
+    columns=["dataset", "variant", "paper_test_macro_acc"]).assign(model="resnet50", preset="paper")
+
+
+def variant(config: dict) -> str:
+    """A short name for what a run changes relative to its preset's BioTune: the row label of
+    ablation tables. Baselines are named by their method."""
+    ga = config["ga"]
+    if ga["searcher"] != "biotune":
+        return SEARCHER_NAMES[ga["searcher"]]
+    preset = cfg.PRESETS.get(config["preset"], {}).get("ga", {})
+    default = cfg.GAConfig()
+    parts = []
+    if ga["encoding"] != "full":
+        parts.append(ga["encoding"].replace("_", " ").replace("lr", "LR"))
+    if ga["ga_variant"] != "improved":
+        parts.append(f"{ga['ga_variant']} GA")
+    sizes = {key: preset.get(key, getattr(default, key)) for key in ("population", "generations")}
+    if ga["population"] != sizes["population"] or ga["generations"] != sizes["generations"]:
+        parts.append(f"N={ga['population']}, T={ga['generations']}")
+    return "BioTune" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def summary(store: str | Path | None = None, run_ids: list[str] | None = None, *,
+            preset: str | None = None) -> pd.DataFrame:
+    """One numeric row per run (the given ones, else every finished run, optionally of one preset)."""
+    with RunStore(store) as db:
+        runs = db.runs()
+        if run_ids is None:
+            runs = runs[(runs["status"] == "finished") & ((runs["preset"] == preset) if preset else True)]
+            run_ids = runs["run_id"].tolist()
+        finals, evaluations = db.finals(), db.evaluations()
+        rows = [_summary_row(db.run(run_id), finals[finals["run_id"] == run_id],
+                             evaluations[evaluations["run_id"] == run_id]) for run_id in run_ids]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+SUMMARY_COLUMNS = ["run_id", "kind", "method", "variant", "dataset", "model", "preset", "setting", "seeds",
+                   "test_macro_acc", "test_macro_acc_std", "test_top1", "test_top1_std", "trainable_share",
+                   "best_fitness", "evaluations", "search_seconds", "final_seconds", "seconds", "train_runs",
+                   "device"]
+
+
+def _summary_row(run: dict, finals: pd.DataFrame, evaluations: pd.DataFrame) -> dict:
+    chosen = finals[finals["selected"] == 1]
+    ok = chosen[chosen["status"] == "ok"]
+    search_seconds, final_seconds = float(evaluations["seconds"].sum()), float(finals["seconds"].sum())
+    return {
+        "run_id": run["run_id"], "kind": run["kind"], "method": run["method"],
+        "variant": variant(run["config"]) if run["kind"] == "search" else run["method"],
+        "dataset": run["dataset"], "model": run["model"], "preset": run["preset"],
+        "setting": chosen["setting"].iloc[0] if len(chosen) else None, "seeds": len(ok),
+        "test_macro_acc": ok["test_macro_acc"].mean(), "test_macro_acc_std": ok["test_macro_acc"].std(ddof=1),
+        "test_top1": ok["test_top1"].mean(), "test_top1_std": ok["test_top1"].std(ddof=1),
+        "trainable_share": chosen["trainable_share"].mean() if len(chosen) else None,
+        "best_fitness": evaluations["fitness"].min() if len(evaluations) else None,
+        "evaluations": len(evaluations), "search_seconds": search_seconds, "final_seconds": final_seconds,
+        "seconds": search_seconds + final_seconds,
+        "train_runs": int(evaluations["train_runs"].sum() + finals["train_runs"].sum()),
+        "device": run["meta"].get("device"),
+    }
+
+
+def search_history(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame:
+    """Every evaluation of the given searches with its run's dataset and variant, and the best
+    fitness so far: the data of a convergence plot against evaluations spent."""
+    with RunStore(store) as db:
+        frames = []
+        for run_id in run_ids:
+            run = db.run(run_id)
+            frame = db.evaluations(run_id).sort_values("seq")
+            frames.append(frame.assign(dataset=run["dataset"], variant=variant(run["config"]),
+                                       best_so_far=frame["fitness"].cummin(), spent=frame["seq"] + 1))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def generation_log(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame:
+    """The GA logbooks (best, mean, std per generation) of the given BioTune searches."""
+    with RunStore(store) as db:
+        frames = [db.generations(run_id).assign(run_id=run_id, dataset=db.run(run_id)["dataset"])
+                  for run_id in run_ids if db.run(run_id)["method"] == "biotune"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def best_recipes(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame:
+    """Block by block (in model order), the learning-rate multiplier of each search's best genome;
+    NaN where the block is frozen. One row per (run, block)."""
+    rows = []
+    with RunStore(store) as db:
+        for run_id in run_ids:
+            run = db.run(run_id)
+            for order, (block, value) in enumerate(run["result"]["recipe"].items()):
+                rows.append({"run_id": run_id, "dataset": run["dataset"], "model": run["model"],
+                             "variant": variant(run["config"]), "order": order, "block": block,
+                             "multiplier": None if value == "frozen" else float(value)})
+    return pd.DataFrame(rows, columns=["run_id", "dataset", "model", "variant", "order", "block", "multiplier"])
+
+
+def with_paper(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (from ``summary``) with the paper's number (percent) beside each row whose setting
+    matches the paper's (ResNet-50 under the paper preset, same dataset and method); NaN elsewhere."""
+    return table.merge(PAPER_RESULTS, on=["dataset", "model", "preset", "variant"], how="left")
+
+
+def mean_std(mean: float, std: float) -> str:
+    """``0.8512, 0.004 -> "85.12±0.40"`` (percent); ``n/a`` without a value."""
+    if pd.isna(mean):
+        return "n/a"
+    return f"{100 * mean:.2f}±{100 * (0.0 if pd.isna(std) else std):.2f}"
