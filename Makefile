@@ -38,7 +38,7 @@ demo: setup  ## small search + final protocol vs full FT and linear probing (a f
 bench: setup  ## seconds per fitness evaluation and images per second (PRESET=cpu)
 	$(BIN)/biotune bench --preset $(PRESET) --train.device $(DEVICE)
 
-NOTEBOOKS = $(BIN)/biotune notebooks run notebooks/$(PRESET).yaml -p device=$(DEVICE)
+NOTEBOOKS = $(BIN)/biotune notebooks run notebooks/$(PRESET).yaml -p device=$(DEVICE) $(if $(FORCE),--force)
 
 experiments: setup  ## notebook 01: datasets x models x methods (PRESET=cpu|paper, DEVICE=auto|cuda)
 	$(NOTEBOOKS) --only 01_main_experiments
@@ -49,8 +49,8 @@ ablations: setup  ## notebook 02: no LR genes, no freezing, population sizes, GA
 figures: setup  ## notebook 03: figures from the run store (PNG + PDF under results/figures/)
 	$(NOTEBOOKS) --only 03_figures
 
-notebooks: setup  ## the whole plan notebooks/$(PRESET).yaml (add FORCE=1 to rerun finished notebooks)
-	$(NOTEBOOKS) $(if $(FORCE),--force)
+notebooks: setup  ## the whole plan notebooks/$(PRESET).yaml (FORCE=1 reruns finished notebooks)
+	$(NOTEBOOKS)
 
 notebooks-smoke: $(STAMP)  ## every notebook with the smoke plan (about a minute)
 	$(BIN)/biotune notebooks run notebooks/smoke.yaml $(if $(FORCE),--force)

@@ -137,11 +137,12 @@ def ablation_rows(preset: str, dataset: str | None = None, model: str | None = N
 
 
 def generations_for_budget(base: cfg.GAConfig, population: int, elites: int, budget: int, n_folds: int) -> int:
-    """The number of generations (at least 1) whose evaluation count comes closest to ``budget``
-    for this population; ties go to the smaller count so no variant gets more than BioTune."""
+    """The number of generations whose evaluation count comes closest to ``budget`` for this
+    population; ties go to the smaller count so no variant gets more than BioTune. It is 0 (the
+    initial population alone) when that population already spends the budget."""
     def spent(generations: int) -> int:
         ga = dataclasses.replace(base, population=population, elites=elites, generations=generations)
         return len(evaluation_schedule(ga, n_folds))
 
-    candidates = range(1, budget + 1)
+    candidates = range(0, budget + 1)
     return min(candidates, key=lambda t: (abs(spent(t) - budget), spent(t)))

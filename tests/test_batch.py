@@ -62,3 +62,36 @@ def test_run_many_goes_on_past_a_failed_row_in_parallel(smoke):
 def test_run_many_rejects_a_malformed_row(smoke):
     with pytest.raises(ValueError, match="allowed keys"):
         biotune.run_many([{"method": "full", "datset": "digits"}], store=smoke["store"])
+
+
+def test_ablation_rows_cover_each_variant_once_at_the_stated_budgets():
+    from biotune import config as cfg
+    from biotune.batch import ablation_rows
+    from biotune.ga import evaluation_schedule
+
+    rows = ablation_rows("cpu", "digits", populations=[4, 6, 20])
+
+    def spent(row):
+        config = cfg.resolve("cpu", overrides={**row["overrides"], "ga.searcher": row["method"]})
+        return len(evaluation_schedule(config.ga, cfg.num_folds(config.ga.train_split)))
+
+    labels = [row["label"] for row in rows]
+    assert len(set(labels)) == len(labels)
+    assert labels[:4] == ["BioTune", "BioTune (no LR genes)", "BioTune (no freezing)", "BioTune (reference GA)"]
+    assert labels[-3:] == ["random search", "TPE", "CMA-ES"]
+    budget = spent(rows[0])
+    assert all(spent(row) == budget for row in rows if row["method"] != "biotune")
+    by_label = {row["label"]: row for row in rows}
+    # population 6 is the preset's own: its same-generations row is BioTune itself, not repeated
+    assert "BioTune (N=6, T=4)" not in by_label
+    assert by_label["BioTune (N=4, T=4)"]["overrides"]["ga.population"] == 4
+    for population in (4, 20):
+        same_budget = [row for label, row in by_label.items()
+                       if label.startswith(f"BioTune (N={population}, T=") and label != f"BioTune (N={population}, T=4)"]
+        assert len(same_budget) == 1
+        generations = same_budget[0]["overrides"]["ga.generations"]
+        closest = min(abs(spent(dict(same_budget[0], overrides={**same_budget[0]["overrides"], "ga.generations": t}))
+                          - budget) for t in range(0, 40))
+        assert abs(spent(same_budget[0]) - budget) == closest, generations
+    demo = {row["label"]: row for row in ablation_rows("demo", populations=[20])}
+    assert demo["BioTune (N=20, T=0)"]["overrides"]["ga.generations"] == 0  # 20 initial members vs 21
