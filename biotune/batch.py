@@ -43,7 +43,10 @@ def run_method(method: str, dataset: str | None = None, model: str | None = None
                             store=store, reuse=reuse, progress=progress)[0]
     overrides = _with_searcher(overrides, method)
     config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
-    previous = RunStore(config.store_path).matching_run(method, config.to_dict()) if reuse else None
+    previous = None
+    if reuse:
+        with RunStore(config.store_path) as db:
+            previous = db.matching_run(method, config.to_dict())
     if previous is None:
         run_id = search(dataset, model, preset, config_file=config_file, overrides=overrides, store=store,
                         progress=progress).run_id

@@ -181,8 +181,11 @@ def _run(args, overrides: list[str]) -> int:
 
 def _notebooks(args) -> int:
     """`notebooks run`: the summary table, exit status 1 if any notebook failed; `notebooks params`."""
-    from . import notebooks
-
+    try:
+        from . import notebooks
+    except ImportError as error:
+        raise SystemExit(f"biotune: error: `biotune notebooks` needs the notebooks extra ({error}): "
+                         "pip install -c constraints.txt -e '.[notebooks]'") from error
     if args.notebooks_command == "params":
         _print_table(pd.DataFrame([{"name": name, **info} for name, info in
                                    notebooks.notebook_parameters(args.notebook).items()]))
