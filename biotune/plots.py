@@ -88,23 +88,30 @@ def searcher_convergence(history: pd.DataFrame, logbooks: pd.DataFrame | None = 
 
 
 def recipe_heatmap(recipes: pd.DataFrame) -> plt.Figure:
-    """Rows: the best genome of each search (dataset, variant); columns: blocks in model order;
-    cells: the block's learning-rate multiplier, blank where the block is frozen.
+    """One panel per model. Rows: the best genome of each search (dataset, variant); columns:
+    the model's blocks in order; cells: the block's learning-rate multiplier, grey where frozen.
 
     ``recipes`` is ``report.best_recipes``.
     """
     set_style()
-    recipes = recipes.assign(row=recipes["dataset"] + " · " + recipes["variant"])
-    blocks = recipes.sort_values("order").drop_duplicates("block")["block"].tolist()
-    grid = recipes.pivot_table(index="row", columns="block", values="multiplier", aggfunc="first", dropna=False)
-    grid = grid.reindex(columns=blocks)
-    fig, ax = plt.subplots(figsize=(1.1 * len(blocks) + 3, 0.55 * len(grid) + 1.8))
-    sns.heatmap(grid.astype(float), annot=True, fmt=".2f", cmap="viridis", cbar_kws={"label": "LR multiplier"},
-                linewidths=0.5, linecolor="white", ax=ax)
-    ax.set_facecolor("0.85")  # frozen blocks show the grey background
-    ax.grid(False)
-    ax.set(xlabel="block (grey: frozen)", ylabel="")
-    ax.set_title("best genome per search: trained blocks and their learning-rate multipliers")
+    models = list(dict.fromkeys(recipes["model"]))
+    grids = []
+    for model in models:
+        frame = recipes[recipes["model"] == model]
+        frame = frame.assign(row=frame["dataset"] + " · " + frame["variant"])
+        blocks = frame.sort_values("order").drop_duplicates("block")["block"].tolist()
+        grid = frame.pivot_table(index="row", columns="block", values="multiplier", aggfunc="first", dropna=False)
+        grids.append((model, grid.reindex(columns=blocks).astype(float)))
+    width = max(1.1 * grid.shape[1] + 3 for _, grid in grids)
+    fig, axes = plt.subplots(len(grids), 1, squeeze=False, figsize=(width, sum(0.55 * len(g) + 1.6 for _, g in grids)),
+                             height_ratios=[len(g) + 2 for _, g in grids])
+    for ax, (model, grid) in zip(axes[:, 0], grids):
+        sns.heatmap(grid, annot=True, fmt=".2f", cmap="viridis", cbar_kws={"label": "LR multiplier"},
+                    vmin=0, vmax=recipes["multiplier"].max(), linewidths=0.5, linecolor="white", ax=ax)
+        ax.set_facecolor("0.85")  # frozen blocks show the grey background
+        ax.grid(False)
+        ax.tick_params(axis="y", rotation=0)
+        ax.set(xlabel="block (grey: frozen)", ylabel="", title=f"{model}: best genome per search")
     fig.tight_layout()
     return fig
 
@@ -119,8 +126,9 @@ def accuracy_vs_share(table: pd.DataFrame) -> plt.Figure:
         frame = table[table["dataset"] == dataset]
         ax.errorbar(frame["trainable_share"], 100 * frame["test_macro_acc"],
                     yerr=100 * frame["test_macro_acc_std"].fillna(0), fmt="none", ecolor="0.6")
+        several_models = table["model"].nunique() > 1  # then the marker tells the model
         sns.scatterplot(data=frame.assign(accuracy=100 * frame["test_macro_acc"]), x="trainable_share",
-                        y="accuracy", hue="variant", style="variant", s=70, ax=ax)
+                        y="accuracy", hue="variant", style="model" if several_models else "variant", s=70, ax=ax)
         ax.set(xlabel="share of parameters trained", ylabel="test macro accuracy (%)", title=dataset)
         ax.legend(fontsize="x-small")
     fig.tight_layout()
