@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= cpu
-DEVICE ?= auto
+DEVICE ?=
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
@@ -36,9 +36,9 @@ demo: setup  ## small search + final protocol vs full FT and linear probing (a f
 	$(BIN)/biotune demo
 
 bench: setup  ## seconds per fitness evaluation and images per second (PRESET=cpu)
-	$(BIN)/biotune bench --preset $(PRESET) --train.device $(DEVICE)
+	$(BIN)/biotune bench --preset $(PRESET) $(if $(DEVICE),--train.device $(DEVICE))
 
-NOTEBOOKS = $(BIN)/biotune notebooks run notebooks/$(PRESET).yaml -p device=$(DEVICE) $(if $(FORCE),--force)
+NOTEBOOKS = $(BIN)/biotune notebooks run notebooks/$(PRESET).yaml $(if $(DEVICE),-p device=$(DEVICE)) $(if $(FORCE),--force)
 
 experiments: setup  ## notebook 01: datasets x models x methods (PRESET=cpu|paper, DEVICE=auto|cuda)
 	$(NOTEBOOKS) --only 01_main_experiments

@@ -20,8 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import config as cfg
-from .experiment import _overrides, final, run_baseline, search
+from .experiment import final, run_baseline, run_overrides, search
 from .ga import evaluation_schedule
+from .methods import METHODS
 from .report import variant
 from .store import RunStore
 
@@ -42,7 +43,7 @@ def run_method(method: str, dataset: str | None = None, model: str | None = None
         return run_baseline(method, dataset, model, preset, config_file=config_file, overrides=overrides,
                             store=store, reuse=reuse, progress=progress)[0]
     overrides = _with_searcher(overrides, method)
-    config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
+    config = cfg.resolve(preset, config_file, run_overrides(dataset, model, overrides, store))
     previous = None
     if reuse:
         with RunStore(config.store_path) as db:
@@ -72,12 +73,11 @@ def run_many(rows: list[dict], *, jobs: int = 1, store: str | Path | None = None
     """Run experiment rows (dicts with ``method`` and optionally ``dataset``, ``model``,
     ``preset``, ``overrides``, ``config_file``, ``label``); return one line per row with its run
     id, or its error when it failed. ``jobs > 1`` runs rows in that many spawned processes."""
-    for row in rows:
-        unknown = set(row) - set(ROW_KEYS)
-        if unknown or "method" not in row:
-            raise ValueError(f"experiment row {row!r}: needs 'method'; allowed keys are {', '.join(ROW_KEYS)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    problems = [problem for row in rows for problem in _row_problems(row)]
+    if problems:  # a typo fails now, not after hours of good rows
+        raise ValueError("experiment rows that cannot run:\n  " + "\n  ".join(problems))
     outcomes = [None] * len(rows)
     if jobs == 1:
         for index, row in enumerate(rows):
@@ -87,9 +87,29 @@ def run_many(rows: list[dict], *, jobs: int = 1, store: str | Path | None = None
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             futures = {pool.submit(_run_row, row, store, False): index for index, row in enumerate(rows)}
             for future in as_completed(futures):
-                outcomes[futures[future]] = future.result()
+                try:
+                    outcomes[futures[future]] = future.result()
+                except Exception as error:  # noqa: BLE001 - a worker killed (memory, signal) fails its row
+                    outcomes[futures[future]] = {"run_id": None, "status": "failed", "seconds": None,
+                                                 "error": f"worker died: {type(error).__name__}: {error}"}
     return pd.DataFrame([{"label": row.get("label"), "method": row["method"], "dataset": row.get("dataset"),
                           "model": row.get("model"), **outcome} for row, outcome in zip(rows, outcomes)])
+
+
+def _row_problems(row: dict) -> list[str]:
+    """What makes a row unable to run: unknown keys, an unknown method, a config that does not
+    resolve (unknown key or bad value). Dataset and model names are checked when the row runs."""
+    unknown = set(row) - set(ROW_KEYS)
+    if unknown or "method" not in row:
+        return [f"{row!r}: needs 'method'; allowed keys are {', '.join(ROW_KEYS)}"]
+    if row["method"] not in SEARCHERS and row["method"] not in METHODS.names():
+        return [f"{row!r}: {METHODS.unknown_message(row['method'])} (or a searcher: {', '.join(SEARCHERS)})"]
+    try:
+        cfg.resolve(row.get("preset", "cpu"), row.get("config_file"),
+                    run_overrides(row.get("dataset"), row.get("model"), row.get("overrides"), None))
+    except (cfg.ConfigError, FileNotFoundError) as error:
+        return [f"{row!r}: {error}"]
+    return []
 
 
 def _run_row(row: dict, store, progress: bool) -> dict:
@@ -115,7 +135,7 @@ def ablation_rows(preset: str, dataset: str | None = None, model: str | None = N
     budget. Rows equal to another row's config are left out (they would be the same run); each
     row's label is ``report.variant`` of its config, the name the figures use."""
     overrides = dict(overrides or {})
-    base = cfg.resolve(preset, overrides=_overrides(dataset, model, overrides, None)).ga
+    base = cfg.resolve(preset, overrides=run_overrides(dataset, model, overrides, None)).ga
     n_folds = cfg.num_folds(base.train_split)
     budget = len(evaluation_schedule(base, n_folds))
     changes = [{}, *({"ga.encoding": encoding} for encoding in encodings)]
@@ -129,7 +149,7 @@ def ablation_rows(preset: str, dataset: str | None = None, model: str | None = N
     rows, seen = [], set()
     for change in changes:
         merged = {**overrides, **change}
-        config = cfg.resolve(preset, overrides=_overrides(dataset, model, merged, None)).to_dict()
+        config = cfg.resolve(preset, overrides=run_overrides(dataset, model, merged, None)).to_dict()
         key = json.dumps(config, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -141,8 +161,9 @@ def ablation_rows(preset: str, dataset: str | None = None, model: str | None = N
 
 def generations_for_budget(base: cfg.GAConfig, population: int, elites: int, budget: int, n_folds: int) -> int:
     """The number of generations whose evaluation count comes closest to ``budget`` for this
-    population; ties go to the smaller count so no variant gets more than BioTune. It is 0 (the
-    initial population alone) when that population already spends the budget."""
+    population (ties go to the smaller count); whole generations can overshoot or undershoot by
+    up to half a generation. It is 0 (the initial population alone) when that population already
+    spends about the budget."""
     def spent(generations: int) -> int:
         ga = dataclasses.replace(base, population=population, elites=elites, generations=generations)
         return len(evaluation_schedule(ga, n_folds))

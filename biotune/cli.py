@@ -6,6 +6,7 @@ import logging
 import sys
 
 import pandas as pd
+import yaml
 
 from . import config as cfg
 
@@ -190,9 +191,13 @@ def _notebooks(args) -> int:
         _print_table(pd.DataFrame([{"name": name, **info} for name, info in
                                    notebooks.notebook_parameters(args.notebook).items()]))
         return 0
-    extra = cfg.parse_overrides(args.parameter)
-    if any(isinstance(value, dict) for value in extra.values()):
-        raise cfg.ConfigError("notebook parameters are plain names: -p device=cuda, not -p a.b=c")
+    extra = {}
+    for pair in args.parameter:
+        name, _, raw = pair.partition("=")
+        if not _ or not name.isidentifier():
+            raise cfg.ConfigError(f"-p {pair!r}: expected NAME=VALUE with a parameter name, e.g. -p device=cuda "
+                                  "or -p 'overrides={train.max_epochs: 3}'")
+        extra[name] = yaml.safe_load(raw) if raw else None
     summary = notebooks.run_plan(args.plan, output_dir=args.output_dir, force=args.force, only=args.only,
                                  extra_parameters=extra, kernel_name=args.kernel)
     _print_table(summary)

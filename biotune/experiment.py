@@ -107,7 +107,7 @@ def load_inputs(config: cfg.Config):
     return model, dataset
 
 
-def _overrides(dataset, model, overrides, store) -> dict:
+def run_overrides(dataset, model, overrides, store) -> dict:
     """Dotted overrides plus the dataset, model and store given as their own arguments."""
     extra = cfg.parse_overrides(overrides or [])
     if dataset is not None:
@@ -160,7 +160,7 @@ def search(dataset: str | None = None, model: str | None = None, preset: str = "
     if resume is not None:
         config, store_obj = _resumed_config(resume, store)
     else:
-        config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
+        config = cfg.resolve(preset, config_file, run_overrides(dataset, model, overrides, store))
         store_obj = RunStore(config.store_path)
     model_obj, dataset_obj = load_inputs(config)  # before the run exists: bad data leaves no orphan run
     if resume is not None:
@@ -303,7 +303,7 @@ def run_baseline(method: str, dataset: str | None = None, model: str | None = No
     if not, instead of starting a new one.
     """
     method_class = METHODS.get(method)
-    config = cfg.resolve(preset, config_file, _overrides(dataset, model, overrides, store))
+    config = cfg.resolve(preset, config_file, run_overrides(dataset, model, overrides, store))
     grid = grid if grid is not None else method_class.grid
     store_obj = RunStore(config.store_path)
     previous = store_obj.matching_run(method, config.to_dict(), {"grid": grid}) if reuse else None

@@ -8,12 +8,13 @@ A plan is a YAML file::
       - notebook: 02_ablations.ipynb      # relative to the plan's folder
         name: 02_ablations                # optional, default the notebook's stem
         parameters: {dataset: digits}     # this notebook only; wins over the plan's
+        always: false                     # true: never skipped (e.g. figures of a growing store)
 
 Every parameter name is checked against the notebook's ``parameters`` cell before anything runs
 (an unknown name is an error listing the valid ones), and so is its type where the cell
 annotates one. A failed notebook is reported and the batch goes on; the summary says which
 failed. A notebook that finished with the same parameters and the same source is skipped
-unless forced, so a batch that was stopped continues where it stopped.
+unless forced or marked ``always``, so a batch that was stopped continues where it stopped.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 PLAN_KEYS = {"name", "parameters", "runs"}
-RUN_KEYS = {"notebook", "name", "parameters"}
+RUN_KEYS = {"notebook", "name", "parameters", "always"}
 ANNOTATED_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,),
                    "dict": (dict,)}
 
@@ -46,6 +47,7 @@ class NotebookRun:
     name: str
     notebook: Path
     parameters: dict
+    always: bool = False  # rerun even when it finished with the same parameters
 
 
 def notebook_parameters(notebook: str | Path) -> dict:
@@ -78,8 +80,11 @@ def load_plan(path: str | Path, extra_parameters: dict | None = None, only: list
             raise PlanError(f"plan {path}, run {index + 1}: needs a 'notebook:' path")
         notebook = (path.parent / entry["notebook"]).resolve()
         name = entry.get("name") or notebook.stem
-        runs.append(NotebookRun(name, notebook, {**(plan.get("parameters") or {}), **(entry.get("parameters") or {}),
-                                                 **(extra_parameters or {})}))
+        shared, own = plan.get("parameters") or {}, entry.get("parameters") or {}
+        if not isinstance(shared, dict) or not isinstance(own, dict):
+            raise PlanError(f"plan {path}, run {index + 1}: 'parameters' must be a mapping of name: value")
+        runs.append(NotebookRun(name, notebook, {**shared, **own, **(extra_parameters or {})},
+                                bool(entry.get("always", False))))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise PlanError(f"plan {path}: run names must be unique, got {names}; give repeated notebooks a 'name:'")
@@ -143,7 +148,7 @@ def run_plan(path: str | Path, *, output_dir: str | Path = "results/notebooks", 
         output, marker = folder / f"{run.name}.ipynb", folder / f"{run.name}.done.json"
         signature = {"parameters": run.parameters, "notebook_sha256": _sha256(run.notebook)}
         row = {"name": run.name, "output": str(output), "error": None}
-        if not force and marker.is_file() and _same_signature(marker, signature):
+        if not force and not run.always and marker.is_file() and _same_signature(marker, signature):
             log.info("%s: finished before with the same parameters; skipped (force to rerun)", run.name)
             rows.append({**row, "status": "skipped", "seconds": 0.0})
             continue

@@ -47,6 +47,12 @@ def convergence(evaluations: pd.DataFrame, generations: pd.DataFrame | None = No
     return fig
 
 
+def _labelled(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``label`` per row: the variant, prefixed by the model when there are several."""
+    several_models = frame["model"].nunique() > 1
+    return frame.assign(label=(frame["model"] + " · " + frame["variant"]) if several_models else frame["variant"])
+
+
 def save(fig: plt.Figure, folder: str | Path, name: str) -> list[Path]:
     """Write ``name``.png (for the README and notebooks) and ``name``.pdf (for papers)."""
     folder = Path(folder)
@@ -59,7 +65,8 @@ def save(fig: plt.Figure, folder: str | Path, name: str) -> list[Path]:
 
 def searcher_convergence(history: pd.DataFrame, logbooks: pd.DataFrame | None = None) -> plt.Figure:
     """Per dataset (columns): best-so-far fitness against evaluations spent, one line per search
-    variant (top); BioTune's best and mean population fitness per generation (bottom).
+    variant (and model, when there are several) (top); BioTune's best and mean population fitness
+    per generation (bottom).
 
     ``history`` is ``report.search_history``; ``logbooks`` is ``report.generation_log``.
     """
@@ -67,9 +74,10 @@ def searcher_convergence(history: pd.DataFrame, logbooks: pd.DataFrame | None = 
     datasets = sorted(history["dataset"].unique())
     panels = 2 if logbooks is not None and len(logbooks) else 1
     fig, axes = plt.subplots(panels, len(datasets), figsize=(5.2 * len(datasets), 3.8 * panels), squeeze=False)
+    history = _labelled(history)
     for column, dataset in enumerate(datasets):
         spent = axes[0, column]
-        for label, frame in history[history["dataset"] == dataset].groupby("variant", sort=True):
+        for label, frame in history[history["dataset"] == dataset].groupby("label", sort=True):
             spent.step(frame["spent"], frame["best_so_far"], where="post", label=label)
         spent.set(xlabel="fitness evaluations spent", ylabel="best fitness so far", title=dataset)
         spent.legend(fontsize="x-small")
@@ -140,12 +148,13 @@ def ablation_bars(table: pd.DataFrame) -> plt.Figure:
     in evaluations written on its bar; ``table`` is ``report.summary`` of the ablation runs."""
     set_style()
     datasets = sorted(table["dataset"].unique())
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 0.45 * table["variant"].nunique() + 2),
+    table = _labelled(table)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 0.45 * table["label"].nunique() + 2),
                              squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        frame = table[table["dataset"] == dataset].sort_values("variant")
+        frame = table[table["dataset"] == dataset].sort_values("label")
         accuracy = 100 * frame["test_macro_acc"]
-        ax.barh(frame["variant"], accuracy, xerr=100 * frame["test_macro_acc_std"].fillna(0), color="C0", alpha=0.8)
+        ax.barh(frame["label"], accuracy, xerr=100 * frame["test_macro_acc_std"].fillna(0), color="C0", alpha=0.8)
         for y, (value, budget) in enumerate(zip(accuracy, frame["evaluations"])):
             ax.text(value, y, f" {value:.1f} ({budget} ev.)", va="center", fontsize="x-small")
         low = accuracy.min()
@@ -160,9 +169,9 @@ def time_per_evaluation(history: pd.DataFrame) -> plt.Figure:
     """Seconds per fitness evaluation that trained (cache hits and genomes that train no block
     left out), per search variant and dataset; ``history`` is ``report.search_history``."""
     set_style()
-    trained = history[history["train_runs"] > 0]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * trained["variant"].nunique() * trained["dataset"].nunique() + 2))
-    sns.boxplot(data=trained, x="seconds", y="variant", hue="dataset", ax=ax, fliersize=2)
+    trained = _labelled(history[history["train_runs"] > 0])
+    fig, ax = plt.subplots(figsize=(7, 0.4 * trained["label"].nunique() * trained["dataset"].nunique() + 2))
+    sns.boxplot(data=trained, x="seconds", y="label", hue="dataset", ax=ax, fliersize=2)
     ax.set(xlabel="seconds per fitness evaluation", ylabel="", title="time per evaluation")
     fig.tight_layout()
     return fig

@@ -42,9 +42,11 @@ def variant(config: dict) -> str:
         parts.append(ga["encoding"].replace("_", " ").replace("lr", "LR"))
     if ga["ga_variant"] != "improved":
         parts.append(f"{ga['ga_variant']} GA")
-    sizes = {key: preset.get(key, getattr(default, key)) for key in ("population", "generations")}
+    sizes = {key: preset.get(key, getattr(default, key)) for key in ("population", "generations", "elites")}
     if ga["population"] != sizes["population"] or ga["generations"] != sizes["generations"]:
         parts.append(f"N={ga['population']}, T={ga['generations']}")
+    if ga["elites"] != sizes["elites"]:
+        parts.append(f"E={ga['elites']}")
     return "BioTune" + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -96,9 +98,12 @@ def search_history(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame
         for run_id in run_ids:
             run = db.run(run_id)
             frame = db.evaluations(run_id).sort_values("seq")
-            frames.append(frame.assign(dataset=run["dataset"], variant=variant(run["config"]),
+            frames.append(frame.assign(dataset=run["dataset"], model=run["model"], variant=variant(run["config"]),
                                        best_so_far=frame["fitness"].cummin(), spent=frame["seq"] + 1))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:  # the columns the figures read, also without searches
+        return pd.DataFrame(columns=["run_id", "seq", "fitness", "seconds", "train_runs", "cache_hit", "dataset",
+                                     "model", "variant", "best_so_far", "spent"])
+    return pd.concat(frames, ignore_index=True)
 
 
 def generation_log(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame:

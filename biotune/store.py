@@ -76,7 +76,10 @@ CREATE TABLE IF NOT EXISTS finals (
 """
 
 JSON_COLUMNS = ("genes", "trained", "multipliers", "per_seed")
-RUN_LOCATION_KEYS = ("store", "results_dir")  # where a run is written, not what it computes
+# Where a run is written or executed, not what it computes: a search made on a GPU box is reused
+# on a laptop, whatever the data folder or thread count.
+REUSE_IGNORES = ("store", "results_dir", "data.root", "data.download", "model.allow_download", "train.device",
+                 "train.num_threads")
 
 
 class RunNotFoundError(KeyError):
@@ -141,11 +144,11 @@ class RunStore:
                            (status, json.dumps(result), time.time(), run_id))
 
     def matching_run(self, method: str, config: dict, meta_match: dict | None = None) -> dict | None:
-        """The newest run of ``method`` with the same resolved config (store and results folder
-        aside) and ``meta_match`` items in its metadata; finished runs first. Lets a batch that
-        stopped part-way reuse what is done and continue what is not."""
+        """The newest run of ``method`` with the same resolved config (``REUSE_IGNORES`` aside)
+        and ``meta_match`` items in its metadata; finished runs first. Lets a batch that stopped
+        part-way reuse what is done and continue what is not."""
         def same(stored: dict) -> bool:
-            return all(stored.get(k) == v for k, v in config.items() if k not in RUN_LOCATION_KEYS)
+            return _comparable(stored) == _comparable(config)
 
         rows = self.db.execute(
             "SELECT run_id FROM runs WHERE method = ? AND dataset = ? AND model = ? AND preset = ?"
@@ -241,6 +244,17 @@ class RunStore:
                 frame.to_csv(path, index=False)
                 written.append(path)
         return written
+
+
+def _comparable(config: dict) -> dict:
+    """``config`` without the ``REUSE_IGNORES`` settings (sections are one level deep)."""
+    kept = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            kept[key] = {k: v for k, v in value.items() if f"{key}.{k}" not in REUSE_IGNORES}
+        elif key not in REUSE_IGNORES:
+            kept[key] = value
+    return kept
 
 
 def _decode(row: dict) -> dict:

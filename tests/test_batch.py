@@ -23,6 +23,9 @@ def test_a_finished_row_is_reused_and_trains_nothing(smoke):
     assert biotune.run_method("random", **smoke, progress=False) == search_id
     assert biotune.run_method("l2_sp", **smoke, progress=False) == baseline_id
     assert train_runs(smoke["store"]) == spent
+    # where it runs is not what it computes: other threads or device reuse the same row
+    elsewhere = dict(smoke, overrides={**smoke["overrides"], "train.num_threads": 1, "train.device": "auto"})
+    assert biotune.run_method("random", **elsewhere, progress=False) == search_id
     # another config is another row
     other = dict(smoke, overrides={**smoke["overrides"], "ga.seed": 1})
     assert biotune.run_method("random", **other, progress=False) != search_id
@@ -48,20 +51,27 @@ def test_an_unfinished_search_is_resumed_not_restarted(smoke):
 
 
 def test_run_many_goes_on_past_a_failed_row_in_parallel(smoke):
-    rows = [{"method": "full", "label": "ok"}, {"method": "no_such_method", "label": "bad"},
+    rows = [{"method": "full", "label": "ok"}, {"method": "full", "dataset": "no_such_dataset", "label": "bad"},
             {"method": "random", "label": "search"}]
     rows = [dict(row, preset="smoke", overrides=smoke["overrides"]) for row in rows]
     outcome = biotune.run_many(rows, jobs=2, store=smoke["store"])
     assert outcome["label"].tolist() == ["ok", "bad", "search"]
     assert outcome["status"].tolist() == ["ok", "failed", "ok"]
-    assert "unknown method 'no_such_method'" in outcome.loc[1, "error"]
+    assert "no_such_dataset" in outcome.loc[1, "error"]
     table = biotune.compare(outcome["run_id"].dropna().tolist(), store=smoke["store"])
     assert table["method"].tolist() == ["full", "random"]
 
 
-def test_run_many_rejects_a_malformed_row(smoke):
-    with pytest.raises(ValueError, match="allowed keys"):
-        biotune.run_many([{"method": "full", "datset": "digits"}], store=smoke["store"])
+def test_run_many_rejects_bad_rows_before_training_anything(smoke):
+    rows = [{"method": "full", "preset": "smoke"}, {"method": "no_such_method"},
+            {"method": "tpe", "overrides": {"ga.popsize": 3}}, {"method": "full", "datset": "digits"}]
+    with pytest.raises(ValueError) as error:
+        biotune.run_many(rows, store=smoke["store"])
+    message = str(error.value)
+    assert "unknown method 'no_such_method'" in message
+    assert "unknown config key ga.popsize" in message
+    assert "allowed keys" in message
+    assert not smoke["store"].exists()
 
 
 def test_ablation_rows_cover_each_variant_once_at_the_stated_budgets():
