@@ -193,8 +193,8 @@ def _notebooks(args) -> int:
         return 0
     extra = {}
     for pair in args.parameter:
-        name, _, raw = pair.partition("=")
-        if not _ or not name.isidentifier():
+        name, separator, raw = pair.partition("=")
+        if not separator or not name.isidentifier():
             raise cfg.ConfigError(f"-p {pair!r}: expected NAME=VALUE with a parameter name, e.g. -p device=cuda "
                                   "or -p 'overrides={train.max_epochs: 3}'")
         extra[name] = yaml.safe_load(raw) if raw else None
