@@ -137,3 +137,17 @@ def test_a_finished_notebook_is_skipped_unless_its_parameters_change_or_forced(t
     assert only["name"].tolist() == ["second"] and only["status"].tolist() == ["ok"]
     with pytest.raises(PlanError, match="no run named third"):
         run_plan(plan, output_dir=tiny / "out", only=["third"])
+
+
+def test_cli_parameters_take_yaml_values_and_reject_dotted_names(tiny):
+    plan = write_plan(tiny, [{"notebook": "writes.ipynb"}])
+
+    def cli(*arguments):
+        return subprocess.run([sys.executable, "-m", "biotune", "notebooks", "run", str(plan), "--output-dir",
+                               str(tiny / "out"), *arguments], capture_output=True, text=True, cwd=tiny)
+
+    dotted = cli("-p", "train.max_epochs=3")
+    assert dotted.returncode == 2 and "expected NAME=VALUE with a parameter name" in dotted.stderr
+    assert cli("-p", "x=[1]").returncode == 2  # x is annotated int
+    assert cli("-p", "x=12").returncode == 0
+    assert (tiny / "out-a.txt").read_text() == "12"
