@@ -164,9 +164,7 @@ def generations_for_budget(base: cfg.GAConfig, population: int, elites: int, bud
     population (ties go to the smaller count); whole generations can overshoot or undershoot by
     up to half a generation. It is 0 (the initial population alone) when that population already
     spends about the budget."""
-    def spent(generations: int) -> int:
-        ga = dataclasses.replace(base, population=population, elites=elites, generations=generations)
-        return len(evaluation_schedule(ga, n_folds))
-
-    candidates = range(0, budget + 1)
-    return min(candidates, key=lambda t: (abs(spent(t) - budget), spent(t)))
+    spent = {t: len(evaluation_schedule(dataclasses.replace(base, population=population, elites=elites,
+                                                            generations=t), n_folds))
+             for t in range(budget + 1)}
+    return min(spent, key=lambda t: (abs(spent[t] - budget), spent[t]))

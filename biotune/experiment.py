@@ -27,7 +27,7 @@ from .genome import decode, make_recipe, num_genes, recipe_table, save_recipe
 from .methods import METHODS, PlanMethod
 from .models import create_model, model_preprocess
 from .plots import convergence
-from .report import mean_std, summary
+from .report import readable, summary
 from .searchers import Searcher
 from .store import RunStore
 from .train import evaluate, resolve_device
@@ -328,15 +328,9 @@ def run_baseline(method: str, dataset: str | None = None, model: str | None = No
 def compare(run_ids: list[str], *, store: str | Path | None = None) -> pd.DataFrame:
     """One row per run: test macro accuracy and top-1 (mean±std over seeds, of the setting chosen
     on validation), trainable share, seconds and training runs (search + grid + final)."""
-    table = summary(store, run_ids)
-    return pd.DataFrame({
-        "run_id": table["run_id"], "method": table["method"], "dataset": table["dataset"],
-        "model": table["model"], "setting": table["setting"],
-        "test_macro_acc": [mean_std(m, s) for m, s in zip(table["test_macro_acc"], table["test_macro_acc_std"])],
-        "test_top1": [mean_std(m, s) for m, s in zip(table["test_top1"], table["test_top1_std"])],
-        "trainable_share": table["trainable_share"].astype(float).round(4), "seconds": table["seconds"].round(1),
-        "train_runs": table["train_runs"],
-    })
+    columns = ["run_id", "method", "dataset", "model", "setting", "test_macro_acc", "test_top1", "trainable_share",
+               "seconds", "train_runs"]
+    return readable(summary(store, run_ids))[columns]
 
 
 def demo(preset: str = "demo", *, store: str | Path | None = None, progress: bool = True) -> tuple[pd.DataFrame, Path]:

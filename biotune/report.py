@@ -54,14 +54,23 @@ def summary(store: str | Path | None = None, run_ids: list[str] | None = None, *
             preset: str | None = None) -> pd.DataFrame:
     """One numeric row per run (the given ones, else every finished run, optionally of one preset)."""
     with RunStore(store) as db:
-        runs = db.runs()
         if run_ids is None:
+            runs = db.runs()
             runs = runs[(runs["status"] == "finished") & ((runs["preset"] == preset) if preset else True)]
             run_ids = runs["run_id"].tolist()
-        finals, evaluations = db.finals(), db.evaluations()
-        rows = [_summary_row(db.run(run_id), finals[finals["run_id"] == run_id],
-                             evaluations[evaluations["run_id"] == run_id]) for run_id in run_ids]
+        rows = [_summary_row(db.run(run_id), db.finals(run_id), db.evaluations(run_id)) for run_id in run_ids]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def readable(table: pd.DataFrame) -> pd.DataFrame:
+    """``summary``'s table for reading: accuracies as "mean±std" percent strings (the ``_std``
+    columns folded in), shares, fitness and seconds rounded."""
+    return table.assign(
+        test_macro_acc=[mean_std(m, s) for m, s in zip(table["test_macro_acc"], table["test_macro_acc_std"])],
+        test_top1=[mean_std(m, s) for m, s in zip(table["test_top1"], table["test_top1_std"])],
+        trainable_share=table["trainable_share"].astype(float).round(4),
+        best_fitness=table["best_fitness"].astype(float).round(4), seconds=table["seconds"].round(1),
+    ).drop(columns=["test_macro_acc_std", "test_top1_std"])
 
 
 SUMMARY_COLUMNS = ["run_id", "kind", "method", "variant", "dataset", "model", "preset", "setting", "seeds",
