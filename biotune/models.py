@@ -65,10 +65,18 @@ class PretrainedModel:
     preprocess: Preprocess
     weights: str
     num_classes: int
+    # the modules sized by num_classes: the new head, initialised per seed. Usually the whole last
+    # block, but not always: VGG-19's last block is its three-layer classifier, of which only
+    # `classifier.6` is new; DenseNet's also holds `norm5`; Inception-v3 has a second head in AuxLogits.
+    head: tuple[str, ...]
 
     @property
     def num_params(self) -> int:
         return sum(b.num_params for b in self.blocks)
+
+    @property
+    def head_param_names(self) -> tuple[str, ...]:
+        return tuple(n for h in self.head for n, _ in self.net.get_submodule(h).named_parameters(prefix=h))
 
     def block(self, name: str) -> Block:
         for b in self.blocks:
@@ -162,7 +170,7 @@ def create_model(
         state, source = arch.imagenet(allow_download)
         source += _load(arch, state, source)
     log.info("created %s with %d classes, weights %s", name, num_classes, source)
-    return PretrainedModel(name, arch.net, arch.blocks, arch.preprocess, source, num_classes)
+    return PretrainedModel(name, arch.net, arch.blocks, arch.preprocess, source, num_classes, arch.head)
 
 
 def model_preprocess(name: str) -> Preprocess:

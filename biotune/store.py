@@ -218,10 +218,12 @@ class RunStore:
                        list(values.values()))
 
     def select_final_setting(self, run_id: str, method: str) -> pd.DataFrame:
-        """Mark the setting with the best mean validation macro accuracy; return its rows."""
+        """Mark the setting with the best mean validation macro accuracy; return its rows. A seed
+        that diverged counts as 0, so a setting is not chosen on the seeds that survived it."""
         finals = self.finals(run_id)
         finals = finals[finals["method"] == method]
-        best = finals.groupby("setting")["val_macro_acc"].mean().fillna(-1.0).idxmax()
+        scores = finals["val_macro_acc"].where(finals["status"] == "ok", 0.0)
+        best = scores.groupby(finals["setting"]).mean().fillna(-1.0).idxmax()
         with self._write() as db:
             db.execute("UPDATE finals SET selected = (setting = ?) WHERE run_id = ? AND method = ?",
                        (best, run_id, method))

@@ -76,11 +76,12 @@ def plan_param_groups(net: torch.nn.Module, blocks, plan: FineTunePlan, base_lr:
 
 
 def fresh_net(model, seed: int) -> torch.nn.Module:
-    """A copy of the pretrained network with its new head initialised from ``seed``."""
+    """A copy of the pretrained network with its new head initialised from ``seed``; everything
+    else, pretrained layers in the head's block included, as loaded."""
     net = copy.deepcopy(model.net)
     torch.manual_seed(seed)
-    for module in _modules_of(net, model, model.blocks[-1].name):
-        for sub in module.modules():
+    for name in model.head:
+        for sub in net.get_submodule(name).modules():
             if hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
     return net
@@ -197,7 +198,8 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
     started = time.perf_counter()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net = fresh_net(model, seed) if start_from is None else copy.deepcopy(start_from)
-    frozen = [m for name in plan.frozen for m in _modules_of(net, model, name)]
+    modules = dict(net.named_modules())
+    frozen = [modules[name] for name in method.frozen_modules(model, plan)]
     net = method.prepare(net, model).to(device, memory_format=memory_format)
     groups = method.param_groups(net, model, plan, cfg.base_lr)
     optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
@@ -260,8 +262,3 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
     if keep_net:
         result.net = net
     return result
-
-
-def _modules_of(net, model, block_name: str) -> list:
-    modules = dict(net.named_modules())
-    return [modules[m] for m in model.block(block_name).modules]

@@ -12,18 +12,18 @@ from torch import nn
 from biotune.methods import get_method, list_methods
 from biotune.methods.lora import lora_layers, merge_lora
 from biotune.models import Block, PretrainedModel
+from biotune.store import RunStore
 from biotune.train import fresh_net
 
 
 def backbone_state(model, net) -> dict:
-    """Parameters and buffers (BatchNorm statistics) of every block but the head."""
-    modules = [m for block in model.blocks[:-1] for m in block.modules]
-    return {k: v.cpu() for k, v in net.state_dict().items() if any(k.startswith(m + ".") for m in modules)}
+    """Parameters and buffers (BatchNorm statistics) of everything but the new head."""
+    return {k: v.cpu() for k, v in net.state_dict().items() if not any(k.startswith(h + ".") for h in model.head)}
 
 
 def head_params(model, net) -> dict:
     params = dict(net.named_parameters())
-    return {n: params[n].detach().cpu() for n in model.blocks[-1].param_names}
+    return {n: params[n].detach().cpu() for n in model.head_param_names}
 
 
 def changed(before: dict, after: dict) -> list[str]:
@@ -36,13 +36,28 @@ def bn_named_model(reference) -> PretrainedModel:
         conv=nn.Conv2d(3, 8, 3, padding=1, bias=False), bn=nn.BatchNorm2d(8), relu=nn.ReLU(),
         depthwise=nn.Conv2d(8, 8, 3, padding=1, groups=8), bn2=nn.BatchNorm2d(8), relu2=nn.ReLU(),
         pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(8, reference.num_classes)))
+    blocks = [block(net, "conv", "bn"), block(net, "depthwise", "bn2"), block(net, "fc")]
+    return PretrainedModel("bn_cnn", net, blocks, reference.preprocess, "random", reference.num_classes, ("fc",))
 
-    def block(*modules):
-        names = tuple(n for m in modules for n, _ in net.get_submodule(m).named_parameters(prefix=m))
-        return Block("+".join(modules), modules, names, sum(net.get_parameter(n).numel() for n in names))
 
-    blocks = [block("conv", "bn"), block("depthwise", "bn2"), block("fc")]
-    return PretrainedModel("bn_cnn", net, blocks, reference.preprocess, "random", reference.num_classes)
+def pretrained_layers_in_head_block(reference) -> PretrainedModel:
+    """Like VGG-19 and DenseNet-121: the last block holds pretrained layers (a BatchNorm, a hidden
+    Linear) besides the new head ``classifier.2``."""
+    net = nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), relu=nn.ReLU(), norm5=nn.BatchNorm2d(8),
+        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+        classifier=nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, reference.num_classes))))
+    with torch.no_grad():  # statistics and affine values a fresh BatchNorm would not have
+        for bn in (net.bn, net.norm5):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    blocks = [block(net, "conv", "bn"), block(net, "norm5", "classifier")]
+    return PretrainedModel("vgg_like", net, blocks, reference.preprocess, "random", reference.num_classes,
+                           ("classifier.2",))
+
+
+def block(net, *modules) -> Block:
+    names = tuple(n for m in modules for n, _ in net.get_submodule(m).named_parameters(prefix=m))
+    return Block("+".join(modules), modules, names, sum(net.get_parameter(n).numel() for n in names))
 
 
 def train_batches(dataset, batch_size: int = 16) -> list:
@@ -198,3 +213,63 @@ def test_lora_leaves_grouped_convolutions_out(smoke_inputs):
     model = bn_named_model(smoke_inputs[0])
     net = get_method("lora", r=8).prepare(copy.deepcopy(model.net), model)
     assert list(lora_layers(net)) == ["conv"]
+
+
+PRETRAINED_IN_HEAD_BLOCK = ("classifier.0.weight", "classifier.0.bias", "norm5.weight", "norm5.bias")
+
+
+def test_only_the_new_head_is_initialised_per_seed(smoke_inputs):
+    model = pretrained_layers_in_head_block(smoke_inputs[0])
+    pretrained = model.net.state_dict()
+    nets = [fresh_net(model, seed).state_dict() for seed in (0, 0, 1)]
+    new = set(model.head_param_names)
+    assert new == {"classifier.2.weight", "classifier.2.bias"}
+    for key in pretrained.keys() - new:
+        assert all(torch.equal(net[key], pretrained[key]) for net in nets), key
+    for key in new:
+        assert torch.equal(nets[0][key], nets[1][key]) and not torch.equal(nets[0][key], nets[2][key]), key
+
+
+@pytest.mark.parametrize("name", ["linear_probe", "lora"])
+def test_pretrained_layers_in_the_head_s_block_stay_frozen(name, smoke_config, smoke_inputs):
+    reference, dataset = smoke_inputs
+    model = pretrained_layers_in_head_block(reference)
+    result = get_method(name).fit(model, dataset, smoke_config.train, seed=0, keep_net=True, progress=False)
+    after = {k.replace(".base_layer.", "."): v.cpu() for k, v in result.net.state_dict().items()}
+    before = fresh_net(model, 0).state_dict()
+    assert not changed({k: before[k] for k in PRETRAINED_IN_HEAD_BLOCK}, after)
+    assert changed({k: before[k] for k in model.head_param_names}, after) == list(model.head_param_names)
+    head_size = sum(before[k].numel() for k in model.head_param_names)
+    if name == "linear_probe":  # and every BatchNorm statistic, norm5's included
+        assert not changed(backbone_state(model, model.net), after)
+        assert result.trainable_params == head_size
+    else:
+        assert result.trainable_params == head_size + sum(v.numel() for k, v in after.items() if "lora_" in k)
+
+
+def test_sp_pulls_pretrained_layers_of_the_head_s_block_back_and_replaces_weight_decay(smoke_inputs):
+    model = pretrained_layers_in_head_block(smoke_inputs[0])
+    alpha = 0.1
+    method = get_method("l2_sp", alpha=alpha, beta=0.0)
+    net = fresh_net(model, 0)
+    groups = method.param_groups(net, model, method.plan(model), 1e-3)
+    assert {g["weight_decay"] for g in groups} == {0.0}, "the penalty, not Adam's weight decay"
+    hidden, head = net.get_parameter("classifier.0.weight"), net.get_parameter("classifier.2.weight")
+    with torch.no_grad():
+        hidden.add_(1.0)
+    assert method.penalty(net).item() == pytest.approx(alpha / 2 * hidden.numel())
+    with torch.no_grad():
+        head.add_(1.0)
+    assert method.penalty(net).item() == pytest.approx(alpha / 2 * hidden.numel()), "no start point for the head"
+
+
+def test_a_setting_is_not_chosen_on_the_seeds_that_survived_it(tmp_path, smoke_config):
+    store = RunStore(tmp_path / "runs.sqlite")
+    store.create_run("r", kind="baseline", method="l2_sp", config=smoke_config.to_dict(), meta={})
+    # alpha 0.1 looked best on validation before one of its seeds diverged
+    for setting, seed, status, val in [("alpha 0.1", 0, "ok", 0.90), ("alpha 0.1", 1, "diverged", 0.99),
+                                       ("alpha 0.01", 0, "ok", 0.85), ("alpha 0.01", 1, "ok", 0.85)]:
+        store.add_final("r", {"method": "l2_sp", "setting": setting, "seed": seed, "status": status,
+                              "val_macro_acc": val, "train_runs": 1, "trainable_share": 1.0, "seconds": 1.0})
+    chosen = store.select_final_setting("r", "l2_sp")
+    assert set(chosen["setting"]) == {"alpha 0.01"}

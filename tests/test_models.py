@@ -77,9 +77,12 @@ def test_blocks_partition_the_parameters_head_last(name):
     names = [n for b in model.blocks for n in b.param_names]
     assert sorted(names) == sorted(n for n, _ in model.net.named_parameters())
     assert model.num_params == sum(p.numel() for p in model.net.parameters())
+    params = dict(model.net.named_parameters())
     head = model.blocks[-1]
-    assert any(dict(model.net.named_parameters())[n].shape[0] == 7 for n in head.param_names)
-    assert [b.name for b in model.blocks][-1] == head.name
+    assert any(params[n].shape[0] == 7 for n in head.param_names)
+    # the new head: sized for the 7 classes, and (Inception's auxiliary head aside) in the last block
+    assert model.head_param_names and all(params[n].shape[0] == 7 for n in model.head_param_names)
+    assert set(model.head_param_names) & set(head.param_names)
     rows = model.describe()
     assert [r["block"] for r in rows] == [b.name for b in model.blocks]
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)

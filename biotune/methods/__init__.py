@@ -42,6 +42,10 @@ class Method:
 
         return plan_param_groups(net, model.blocks, plan, base_lr)
 
+    def frozen_modules(self, model, plan: FineTunePlan) -> list[str]:
+        """Modules whose BatchNorm statistics stay fixed (with ``train.frozen_bn = "eval"``)."""
+        return [m for name in plan.frozen for m in model.block(name).modules]
+
     def penalty(self, net: torch.nn.Module) -> torch.Tensor | None:
         """A term added to the task loss (regularisers)."""
         return None

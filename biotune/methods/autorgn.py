@@ -12,8 +12,9 @@ new Adam resets its moments every epoch, as the official code does. The trainer'
 scales every lr_j alike.
 
 Tensors whose name contains "bn" are left out and stay frozen: the official rule, kept as the
-default. It matches BatchNorm in ResNets and timm's EfficientNets (``bn1``), but not layers named
-otherwise, e.g. DenseNet's ``norm`` layers, which are then weighted and trained like any tensor.
+default. It matches timm's EfficientNets (``bn1``) and most of torchvision's ResNet BatchNorm
+layers, but not layers named otherwise, which are then weighted and trained like any tensor:
+ResNet's shortcut BatchNorm (``downsample.1``) and DenseNet's ``norm`` layers, for instance.
 The gradients are measured in full precision with the network in train mode (BatchNorm running
 statistics see those batches, as in the official code). A tensor with zero norm has no scale to
 be relative to; it gets w = 1 instead of the official code's division by zero.

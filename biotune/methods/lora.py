@@ -7,7 +7,8 @@ Conv2d of the backbone with peft's Conv2d LoRA:
 
 A a convolution of the base layer's kernel, stride and padding to r channels (random init), B a
 1x1 convolution back to the output channels (zero init, so training starts at the pretrained
-function). The base weights stay frozen; the new head trains fully; BatchNorm affine parameters
+function). The base weights stay frozen; the new head trains fully (only the new classifier:
+VGG-19's pretrained fc6 and fc7, which are linear layers, stay frozen); BatchNorm affine parameters
 are frozen unless ``train_bn``. BatchNorm running statistics keep updating in train mode, since
 the adapted features shift them. The trained adapters can be merged into the base weights
 (``merge_lora``), giving the original architecture back with no inference cost.
@@ -60,7 +61,7 @@ class LoRA(Method):
     def prepare(self, net: nn.Module, model) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model
 
-        head = model.blocks[-1].modules
+        head = model.head
         targets = [name for name, m in net.named_modules()
                    if isinstance(m, nn.Conv2d) and m.groups == 1
                    and not any(name == h or name.startswith(h + ".") for h in head)]
@@ -80,7 +81,7 @@ class LoRA(Method):
         kinds = {
             "lora": [p for layer in lora_layers(net).values()
                      for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]],
-            "head": [params[n] for n in model.blocks[-1].param_names],
+            "head": [params[n] for n in model.head_param_names],
             "bn": [p for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                    for p in m.parameters()] if self.train_bn else [],
         }

@@ -6,13 +6,14 @@ Networks", ICML 2018. Every block trains (full fine-tuning) and the loss gains
     L2-SP:  (alpha/2) * ||w_S - w_S^0||_2^2 + (beta/2) * ||w_head||_2^2
     L1-SP:   alpha    * ||w_S - w_S^0||_1   + (beta/2) * ||w_head||_2^2
 
-w_S are all trainable backbone parameter tensors (every block but the head): convolution and
-linear weights and biases and the BatchNorm affine parameters, as Transfer-Learning-Library's
-implementation does; BatchNorm running statistics are buffers, not weights, and are not
+w_S are all trainable pretrained parameter tensors (everything but the new head, which on VGG-19
+leaves the pretrained fc6 and fc7 in w_S): convolution and linear weights and biases and the
+BatchNorm affine parameters, as Transfer-Learning-Library's implementation does; BatchNorm running statistics are buffers, not weights, and are not
 penalised. w_S^0 is a detached copy of their values when the run starts (the pretrained weights),
 so the weights are pulled back to where they started rather than to zero. w_head is the new head,
 which has no starting point worth keeping and gets plain weight decay. The penalty is added to the
-loss, not folded into the optimizer's weight_decay: Adam would rescale it per coordinate.
+loss, not folded into the optimizer's weight_decay: Adam would rescale it per coordinate. It
+replaces weight decay: the optimizer gets none, whatever ``train.weight_decay`` says.
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ class L2SP(Method):
 
     def param_groups(self, net: torch.nn.Module, model, plan, base_lr: float) -> list[dict]:
         """Also take the starting point: the network is on its device and no step has been made."""
-        groups = super().param_groups(net, model, plan, base_lr)
+        groups = [dict(group, weight_decay=0.0) for group in super().param_groups(net, model, plan, base_lr)]
         params = dict(net.named_parameters())
-        self._backbone = [params[n] for block in model.blocks[:-1] for n in block.param_names
-                          if params[n].requires_grad]
+        head = set(model.head_param_names)
+        self._backbone = [params[n] for block in model.blocks for n in block.param_names
+                          if n not in head and params[n].requires_grad]
         self._start = [p.detach().clone() for p in self._backbone]
-        self._head = [params[n] for n in model.blocks[-1].param_names]
+        self._head = [params[n] for n in model.head_param_names]
         return groups
 
     @staticmethod
