@@ -147,16 +147,14 @@ class RunStore:
         """The newest run of ``method`` with the same resolved config (``REUSE_IGNORES`` aside)
         and ``meta_match`` items in its metadata; finished runs first. Lets a batch that stopped
         part-way reuse what is done and continue what is not."""
-        def same(stored: dict) -> bool:
-            return _comparable(stored) == _comparable(config)
-
+        wanted = _comparable(config)
         rows = self.db.execute(
             "SELECT run_id FROM runs WHERE method = ? AND dataset = ? AND model = ? AND preset = ?"
             " ORDER BY status = 'finished' DESC, started_at DESC",
             (method, config["data"]["dataset"], config["model"]["name"], config["preset"])).fetchall()
         for (run_id,) in rows:
             run = self.run(run_id)
-            if same(run["config"]) and all(run["meta"].get(k) == v for k, v in (meta_match or {}).items()):
+            if _comparable(run["config"]) == wanted and all(run["meta"].get(k) == v for k, v in (meta_match or {}).items()):
                 return run
         return None
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from biotune.methods import get_method, list_methods
 from biotune.methods.lora import lora_layers, merge_lora
-from biotune.models import Block, PretrainedModel
+from biotune.models import Block, PretrainedModel, _block
 from biotune.store import RunStore
 from biotune.train import fresh_net
 
@@ -56,8 +56,7 @@ def pretrained_layers_in_head_block(reference) -> PretrainedModel:
 
 
 def block(net, *modules) -> Block:
-    names = tuple(n for m in modules for n, _ in net.get_submodule(m).named_parameters(prefix=m))
-    return Block("+".join(modules), modules, names, sum(net.get_parameter(n).numel() for n in names))
+    return _block(net, "+".join(modules), modules)
 
 
 def train_batches(dataset, batch_size: int = 16) -> list:
