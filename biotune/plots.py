@@ -129,16 +129,21 @@ def accuracy_vs_share(table: pd.DataFrame) -> plt.Figure:
     marker per run; ``table`` is ``report.summary``."""
     set_style()
     datasets = sorted(table["dataset"].unique())
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4), squeeze=False)
+    several_models = table["model"].nunique() > 1  # then the marker tells the model
+    style = "model" if several_models else "variant"
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets) + 1.6, 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         frame = table[table["dataset"] == dataset]
         ax.errorbar(frame["trainable_share"], 100 * frame["test_macro_acc"],
                     yerr=100 * frame["test_macro_acc_std"].fillna(0), fmt="none", ecolor="0.6")
-        several_models = table["model"].nunique() > 1  # then the marker tells the model
+        # the same orders on every panel give a variant the same colour and marker everywhere
         sns.scatterplot(data=frame.assign(accuracy=100 * frame["test_macro_acc"]), x="trainable_share",
-                        y="accuracy", hue="variant", style="model" if several_models else "variant", s=70, ax=ax)
+                        y="accuracy", hue="variant", hue_order=list(dict.fromkeys(table["variant"])),
+                        style=style, style_order=list(dict.fromkeys(table[style])), s=70, ax=ax,
+                        legend=ax is axes[0, -1])
         ax.set(xlabel="share of parameters trained", ylabel="test macro accuracy (%)", title=dataset)
-        ax.legend(fontsize="x-small")
+    # outside the panels: inside, it hid the markers it names
+    sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1), fontsize="x-small", frameon=False)
     fig.tight_layout()
     return fig
 
