@@ -8,6 +8,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
+from .report import BASELINE_NAMES, SEARCHER_NAMES
+
 
 def set_style() -> None:
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
@@ -47,6 +49,15 @@ def convergence(evaluations: pd.DataFrame, generations: pd.DataFrame | None = No
     return fig
 
 
+def _colours(labels) -> dict:
+    """A colour per label that is the same in every figure for the searchers and baselines (other
+    labels, such as ablation variants, take the next colours in order)."""
+    palette = sns.color_palette("colorblind") + sns.color_palette("dark") + sns.color_palette("pastel")
+    known = [*SEARCHER_NAMES.values(), *BASELINE_NAMES.values()]
+    others = [label for label in dict.fromkeys(labels) if label not in known]
+    return {label: palette[i % len(palette)] for i, label in enumerate(known + others)}
+
+
 def _labelled(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with a ``label`` per row: the variant, prefixed by the model when there are several."""
     several_models = frame["model"].nunique() > 1
@@ -75,10 +86,11 @@ def searcher_convergence(history: pd.DataFrame, logbooks: pd.DataFrame | None = 
     panels = 2 if logbooks is not None and len(logbooks) else 1
     fig, axes = plt.subplots(panels, len(datasets), figsize=(5.2 * len(datasets), 3.8 * panels), squeeze=False)
     history = _labelled(history)
+    colours = _colours(history["label"])
     for column, dataset in enumerate(datasets):
         spent = axes[0, column]
         for label, frame in history[history["dataset"] == dataset].groupby("label", sort=True):
-            spent.step(frame["spent"], frame["best_so_far"], where="post", label=label)
+            spent.step(frame["spent"], frame["best_so_far"], where="post", label=label, color=colours[label])
         spent.set(xlabel="fitness evaluations spent", ylabel="best fitness so far", title=dataset)
         spent.legend(fontsize="x-small")
         if panels == 2:
@@ -139,6 +151,7 @@ def accuracy_vs_share(table: pd.DataFrame) -> plt.Figure:
         # the same orders on every panel give a variant the same colour and marker everywhere
         sns.scatterplot(data=frame.assign(accuracy=100 * frame["test_macro_acc"]), x="trainable_share",
                         y="accuracy", hue="variant", hue_order=list(dict.fromkeys(table["variant"])),
+                        palette=_colours(table["variant"]),
                         style=style, style_order=list(dict.fromkeys(table[style])), s=70, ax=ax,
                         legend=ax is axes[0, -1])
         ax.set(xlabel="share of parameters trained", ylabel="test macro accuracy (%)", title=dataset)

@@ -15,6 +15,8 @@ from . import config as cfg
 from .store import RunStore
 
 SEARCHER_NAMES = {"biotune": "BioTune", "random": "random search", "tpe": "TPE", "cmaes": "CMA-ES"}
+BASELINE_NAMES = {"full": "full fine-tuning", "linear_probe": "linear probing", "lp_ft": "LP-FT",
+                  "l2_sp": "L2-SP", "l1_sp": "L1-SP", "autorgn": "AutoRGN", "lora": "LoRA"}
 
 # The paper's reported test accuracies (paper.md, "presumably ResNet-50"): BioTune and full
 # fine-tuning on nine datasets, every baseline on Flowers-102. Long form: dataset, variant, value.
@@ -24,14 +26,14 @@ _PAPER_BIOTUNE_FULL = {"flowers102": (91.68, 85.33), "fgvc_aircraft": (64.40, 58
 _PAPER_FLOWERS = {"l1_sp": 87.82, "lora": 86.01, "autorgn": 85.5, "l2_sp": 85.29, "linear_probe": 82.72}
 PAPER_RESULTS = pd.DataFrame(
     [(d, "BioTune", b) for d, (b, _) in _PAPER_BIOTUNE_FULL.items()]
-    + [(d, "full", f) for d, (_, f) in _PAPER_BIOTUNE_FULL.items()]
-    + [("flowers102", method, value) for method, value in _PAPER_FLOWERS.items()],
+    + [(d, BASELINE_NAMES["full"], f) for d, (_, f) in _PAPER_BIOTUNE_FULL.items()]
+    + [("flowers102", BASELINE_NAMES[method], value) for method, value in _PAPER_FLOWERS.items()],
     columns=["dataset", "variant", "paper_test_macro_acc"]).assign(model="resnet50", preset="paper")
 
 
 def variant(config: dict) -> str:
     """A short name for what a run changes relative to its preset's BioTune: the row label of
-    ablation tables. Baselines are named by their method."""
+    ablation tables (a baseline's is its ``BASELINE_NAMES`` entry)."""
     ga = config["ga"]
     if ga["searcher"] != "biotune":
         return SEARCHER_NAMES[ga["searcher"]]
@@ -85,7 +87,8 @@ def _summary_row(run: dict, finals: pd.DataFrame, evaluations: pd.DataFrame) -> 
     search_seconds, final_seconds = float(evaluations["seconds"].sum()), float(finals["seconds"].sum())
     return {
         "run_id": run["run_id"], "kind": run["kind"], "method": run["method"],
-        "variant": variant(run["config"]) if run["kind"] == "search" else run["method"],
+        "variant": (variant(run["config"]) if run["kind"] == "search"
+                    else BASELINE_NAMES.get(run["method"], run["method"])),
         "dataset": run["dataset"], "model": run["model"], "preset": run["preset"],
         "setting": chosen["setting"].iloc[0] if len(chosen) else None, "seeds": len(ok),
         "test_macro_acc": ok["test_macro_acc"].mean(), "test_macro_acc_std": ok["test_macro_acc"].std(ddof=1),
