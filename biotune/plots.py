@@ -143,16 +143,16 @@ def accuracy_vs_share(table: pd.DataFrame) -> plt.Figure:
     datasets = sorted(table["dataset"].unique())
     several_models = table["model"].nunique() > 1  # then the marker tells the model
     style = "model" if several_models else "variant"
+    # the same orders and palette on every panel give a variant the same colour and marker everywhere
+    orders = {"hue_order": list(dict.fromkeys(table["variant"])), "palette": _colours(table["variant"]),
+              "style_order": list(dict.fromkeys(table[style]))}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets) + 1.6, 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         frame = table[table["dataset"] == dataset]
         ax.errorbar(frame["trainable_share"], 100 * frame["test_macro_acc"],
                     yerr=100 * frame["test_macro_acc_std"].fillna(0), fmt="none", ecolor="0.6")
-        # the same orders on every panel give a variant the same colour and marker everywhere
         sns.scatterplot(data=frame.assign(accuracy=100 * frame["test_macro_acc"]), x="trainable_share",
-                        y="accuracy", hue="variant", hue_order=list(dict.fromkeys(table["variant"])),
-                        palette=_colours(table["variant"]),
-                        style=style, style_order=list(dict.fromkeys(table[style])), s=70, ax=ax,
+                        y="accuracy", hue="variant", style=style, **orders, s=70, ax=ax,
                         legend=ax is axes[0, -1])
         ax.set(xlabel="share of parameters trained", ylabel="test macro accuracy (%)", title=dataset)
     # outside the panels: inside, it hid the markers it names

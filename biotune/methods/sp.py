@@ -8,12 +8,13 @@ Networks", ICML 2018. Every block trains (full fine-tuning) and the loss gains
 
 w_S are all trainable pretrained parameter tensors (everything but the new head, which on VGG-19
 leaves the pretrained fc6 and fc7 in w_S): convolution and linear weights and biases and the
-BatchNorm affine parameters, as Transfer-Learning-Library's implementation does; BatchNorm
-running statistics are buffers, not weights, and are not penalised. w_S^0 is a detached copy of their values when the run starts (the pretrained weights),
-so the weights are pulled back to where they started rather than to zero. w_head is the new head,
-which has no starting point worth keeping and gets plain weight decay. The penalty is added to the
-loss, not folded into the optimizer's weight_decay: Adam would rescale it per coordinate. It
-replaces weight decay: the optimizer gets none, whatever ``train.weight_decay`` says.
+BatchNorm affine parameters, as Transfer-Learning-Library's implementation does; BatchNorm running
+statistics are buffers, not weights, and are not penalised. w_S^0 is a detached copy of their
+values when the run starts (the pretrained weights), so the weights are pulled back to where they
+started rather than to zero. w_head is the new head, which has no starting point worth keeping and
+gets the plain L2 term (beta). The penalty is added to the loss, not folded into the optimizer's
+weight_decay: Adam would rescale it per coordinate. It replaces weight decay: the optimizer gets
+none, whatever ``train.weight_decay`` says.
 """
 from __future__ import annotations
 
