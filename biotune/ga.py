@@ -32,7 +32,12 @@ if not hasattr(creator, "BioTuneIndividual"):
     creator.create("BioTuneIndividual", list, fitness=creator.BioTuneFitness, extinction=float,
                    momentum=list, fold=int)
 
-Evaluate = Callable[..., float]  # evaluate(genes, *, fold, generation, individual, role) -> fitness
+Evaluate = Callable[..., float]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read back."""
+  # evaluate(genes, *, fold, generation, individual, role) -> fitness
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +123,9 @@ def evaluation_schedule(config: GAConfig, n_folds: int) -> list[tuple[int, int]]
     The initial population: N evaluations on fold 0 (generation -1). Generation t, on fold
     t mod n_folds: the improved variant first re-scores the E elites when the fold differs from
     the previous generation's (every t >= 1 with several folds), then 2E exploitation trials and
-    N - E new members. In all N + T(N + E) evaluations, plus those re-scores. The search
+    N - E new members. In all N + T(N + E) evaluations, plus those re-scores (the reference
+    variant skips the 2 trials of an elite that trains no block, as the released code does, so
+    there it is an upper bound). The search
     baselines spend exactly this budget on exactly these folds (searchers.py); a test checks the
     schedule against the loop itself, so the two cannot drift apart.
     """
@@ -140,6 +147,22 @@ class GAResult:
     best_fitness: float
     logbook: list[dict] = field(default_factory=list)
     evaluations: int = 0
+    selection: list[dict] | None = None  # rescore_top_k: each candidate's fitness per fold
+
+
+def rescore_top_k(evaluate: Evaluate, candidates: list[tuple[list[float], float]], *, n_folds: int,
+                  generation: int) -> tuple[dict, list[dict]]:
+    """Selection on the same footing: each candidate (genes, its search fitness) is evaluated on
+    every fold, and the best mean fitness wins (ties: the earlier candidate). The best fitness
+    seen during a search compares genomes measured on different folds, so a genome that met an
+    easy fold can win on luck; here every candidate meets every fold."""
+    table = []
+    for index, (genes, search_fitness) in enumerate(candidates):
+        per_fold = [evaluate(genes, fold=fold, generation=generation, individual=index, role="final_select")
+                    for fold in range(n_folds)]
+        table.append({"genes": list(genes), "search_fitness": search_fitness, "fold_fitness": per_fold,
+                      "mean_fitness": statistics.fmean(per_fold)})
+    return min(table, key=lambda row: row["mean_fitness"]), table
 
 
 def make_individual(genes, fitness, *, fold, extinction=0.0, momentum=None):
@@ -192,7 +215,10 @@ class BioTuneGA:
         self.rng = random.Random(config.seed)
         random.seed(config.seed)  # DEAP's own helpers draw from the module-level generator
         self.population: list = []
-        self.hall_of_fame = tools.HallOfFame(1)
+        # The best-so-far (§5d). DEAP's default similarity test (equal genes) would skip a genome
+        # that comes back re-scored better on a new fold, leaving its stale fitness to be beaten
+        # by a worse genome; every individual is compared on fitness alone instead.
+        self.hall_of_fame = tools.HallOfFame(1, similar=lambda a, b: False)
         self.logbook = tools.Logbook()
         self.stats = fitness_statistics()
         self.next_generation = 0
@@ -227,11 +253,19 @@ class BioTuneGA:
         self.population[: self.cfg.elites] = sorted(elites, key=fitness_of)
 
     def _exploit(self, generation: int, fold: int) -> None:
-        """Each elite tries g_i +/- d on one trained gene and keeps the better only if it improves."""
+        """Each elite tries g_i +/- d on one trained gene and keeps the better only if it improves.
+
+        Where the released code differs, ``reference`` follows it and ``improved`` does what §5a
+        says: an elite that trains no block is skipped (improved: it tries any block gene, so
+        a population stuck at the worst fitness can still move); when +d and -d tie, the gene is
+        restored (improved: +d is kept if it beats the elite); the kept gene is stored unclipped
+        (improved: clipped, as it was evaluated).
+        """
         for index, elite in enumerate(self.population[: self.cfg.elites]):
-            # a trained block gene; an elite that trains nothing (all fitnesses worst) tries any block gene
-            candidates = trained_genes(list(elite), self.num_blocks, self.cfg.encoding) or range(self.num_blocks)
-            gene = self.rng.choice(candidates)
+            candidates = trained_genes(list(elite), self.num_blocks, self.cfg.encoding)
+            if not candidates and not self.improved:
+                continue
+            gene = self.rng.choice(candidates or range(self.num_blocks))
             step = self.cfg.exploit_step * self.rng.uniform(-1, 1)
             trials = []
             for value in (elite[gene] + step, elite[gene] - step):
@@ -239,9 +273,15 @@ class BioTuneGA:
                 genes[gene] = value
                 trials.append((self._score(genes, fold=fold, generation=generation, individual=index,
                                            role="exploit"), value))
-            fitness, value = min(trials, key=lambda t: t[0])
+            (plus, plus_value), (minus, minus_value) = trials
+            if self.improved:
+                fitness, value = (plus, plus_value) if plus <= minus else (minus, minus_value)
+            elif plus == minus:
+                continue
+            else:
+                fitness, value = (plus, plus_value) if plus < minus else (minus, minus_value)
             if fitness < fitness_of(elite):
-                elite[gene] = min(1.0, max(0.0, value)) if self.improved else value  # released: unclipped
+                elite[gene] = min(1.0, max(0.0, value)) if self.improved else value
                 elite.fitness.values = (fitness,)
                 elite.fold = fold
 
@@ -262,8 +302,8 @@ class BioTuneGA:
         child = make_individual(genes, self._score(genes, fold=fold, generation=generation, individual=index,
                                                role="child"), fold=fold, momentum=momentum)
         for parent in (p1, p2):
-            if fitness_of(parent) > fitness_of(child):
-                pool.remove(parent)
+            if fitness_of(parent) > fitness_of(child):  # by identity: two members may share genes
+                del pool[next(i for i, member in enumerate(pool) if member is parent)]
         return child
 
     def generation(self, t: int) -> None:
@@ -302,7 +342,8 @@ class BioTuneGA:
             self.generation(t)
             generations.set_postfix(best=f"{fitness_of(self.hall_of_fame[0]):.4f}")
         best = self.hall_of_fame[0]
-        return GAResult(best_genes=list(best), best_fitness=fitness_of(best), logbook=list(self.logbook),
+        # clipped as it was evaluated: the reference variant may store an unclipped exploitation gene
+        return GAResult(best_genes=clip(list(best)), best_fitness=fitness_of(best), logbook=list(self.logbook),
                         evaluations=self.evaluations)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -336,26 +377,36 @@ class BioTuneGA:
         """Load the last checkpoint if there is one; return whether it existed."""
         if not self.checkpoint_path.is_file():
             return False
-        state = json.loads(self.checkpoint_path.read_text())
-
-        def individual(d):
-            return make_individual(d["genes"], d["fitness"], fold=d["fold"], extinction=d["extinction"],
-                               momentum=d["momentum"])
-
-        self.population = [individual(d) for d in state["population"]]
-        self.hall_of_fame.clear()
-        self.hall_of_fame.update([individual(d) for d in state["hall_of_fame"]])
-        self.logbook = tools.Logbook()
-        for record in state["logbook"]:
-            self.logbook.record(**record)
-        self.next_generation = state["next_generation"]
-        self.evaluations = state["evaluations"]
-        if state["evaluator_seq"] is not None:
-            self.evaluate.seq = state["evaluator_seq"]
-        self.rng.setstate(_rng_from_json(state["rng"]))
-        random.setstate(_rng_from_json(state["global_rng"]))
+        try:
+            self._load_state(json.loads(self.checkpoint_path.read_text()))
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise CheckpointError(
+                f"{self.checkpoint_path} is not a readable BioTune checkpoint ({type(error).__name__}: {error}). "
+                f"Move it away (mv {self.checkpoint_path} {self.checkpoint_path}.bad) and resume again: the "
+                "search then replays from its first evaluation, taking every finished one from the run store "
+                "without training") from None
         log.info("resumed from %s at generation %d", self.checkpoint_path, self.next_generation)
         return True
+
+    def _load_state(self, state: dict) -> None:
+        def individual(d):
+            return make_individual(d["genes"], d["fitness"], fold=d["fold"], extinction=d["extinction"],
+                                   momentum=d["momentum"])
+
+        population = [individual(d) for d in state["population"]]
+        best = [individual(d) for d in state["hall_of_fame"]]
+        logbook = tools.Logbook()
+        for record in state["logbook"]:
+            logbook.record(**record)
+        rng, global_rng = _rng_from_json(state["rng"]), _rng_from_json(state["global_rng"])
+        self.rng.setstate(rng)  # raises on a malformed state before anything else changes
+        random.setstate(global_rng)
+        self.population, self.logbook = population, logbook
+        self.hall_of_fame.clear()
+        self.hall_of_fame.update(best)
+        self.next_generation, self.evaluations = int(state["next_generation"]), int(state["evaluations"])
+        if state["evaluator_seq"] is not None:
+            self.evaluate.seq = state["evaluator_seq"]
 
 
 def _rng_to_json(state: tuple) -> list:

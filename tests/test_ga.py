@@ -188,3 +188,125 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
 def test_elites_must_be_fewer_than_population(tmp_path):
     with pytest.raises(ValueError, match="elites"):
         make_ga(tmp_path, population=3, elites=3)
+
+
+class FoldDependent(FakeEvaluate):
+    """Fitness that depends on the fold, so a re-scored elite can come back better or worse."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.offsets = random.Random(seed)
+        self.fold_offset = {}
+
+    def __call__(self, genes, *, fold, **kw):
+        distance = super().__call__(genes, fold=fold, **kw)
+        key = (tuple(round(g, 6) for g in genes), fold)
+        self.fold_offset.setdefault(key, self.offsets.uniform(-0.3, 0.3))
+        return max(0.0, distance + self.fold_offset[key])
+
+
+@pytest.mark.parametrize("variant", ["improved", "reference"])
+def test_the_returned_best_is_the_spec_s_best_so_far(tmp_path, variant):
+    """§5d: after each generation the best of the population replaces the best-so-far if it is
+    better, whatever its genes; DEAP's default hall of fame skipped a re-scored genome equal to
+    the stored one and let a worse genome replace its stale fitness."""
+    for seed in range(40):  # the paper's sizes; the old hall of fame failed some of these seeds
+        search = make_ga(tmp_path / f"{variant}{seed}", FoldDependent(seed), n_folds=2, population=10, elites=3,
+                         generations=10, ga_variant=variant, seed=seed)
+        expected = [float("inf"), None]
+        record = search._record
+
+        def checked_record(generation, fold, record=record, search=search, expected=expected):
+            best = min(search.population, key=ga.fitness_of)
+            if ga.fitness_of(best) < expected[0]:
+                expected[:] = [ga.fitness_of(best), ga.clip(list(best))]
+            record(generation=generation, fold=fold)
+
+        search._record = checked_record
+        result = search.run()
+        assert result.best_fitness == expected[0] and result.best_genes == expected[1]
+        assert all(result.best_fitness <= ga.fitness_of(member) for member in search.population)
+        assert all(0.0 <= g <= 1.0 for g in result.best_genes)
+
+
+def test_a_rescored_best_with_the_same_genes_updates_the_hall_of_fame(tmp_path):
+    search = make_ga(tmp_path)
+    search.initialise()
+    best = search.population[0]
+    best.fitness.values = (ga.fitness_of(best) / 10,)  # re-scored much better on a new fold
+    other = ga.make_individual([0.5] * 5, ga.fitness_of(best) * 5, fold=1)  # worse than the re-score
+    search.population = [best, other]
+    search._record(generation=0, fold=1)
+    assert ga.fitness_of(search.hall_of_fame[0]) == ga.fitness_of(best)
+    assert list(search.hall_of_fame[0]) == list(best)
+
+
+def test_reference_best_genes_are_clipped_before_the_recipe(tmp_path):
+    """Reference exploitation stores g_i +/- d unclipped; the returned genome is the one evaluated."""
+    search = make_ga(tmp_path, ga_variant="reference")
+    search.initialise()
+    search.population[0][0] = 1.7  # what an unclipped exploitation step leaves behind
+    search.population[0].fitness.values = (-1.0,)
+    search._record(generation=0, fold=0)
+    search.next_generation = search.cfg.generations
+    assert search.run().best_genes[0] == 1.0
+
+
+def test_a_parent_leaves_the_pool_by_identity_not_by_equal_genes(tmp_path):
+    class Improving(FakeEvaluate):  # every child beats both parents
+        def __call__(self, genes, **kw):
+            super().__call__(genes, **kw)
+            return 1.0 / (self.seq + 10)
+
+    search = make_ga(tmp_path, Improving(), population=4, elites=1)
+    search.initialise()
+    twin = ga.make_individual(list(search.population[0]), 0.9, fold=0)  # same genes as the best, worse
+    pool = [search.population[0], search.population[1], twin, search.population[2]]
+    search._child(pool, 0, 0, 1)
+    assert len(pool) == 2
+    assert all(sum(member is kept for kept in pool) == 1 for member in pool)
+
+
+def test_reference_exploitation_reverts_a_tie_and_skips_an_elite_that_trains_nothing(tmp_path):
+    class Constant(FakeEvaluate):
+        def __call__(self, genes, **kw):
+            super().__call__(genes, **kw)
+            return 0.1  # +d and -d tie, both better than the elite
+
+    evaluate = Constant()
+    search = make_ga(tmp_path, evaluate, ga_variant="reference", elites=2)
+    search.initialise()
+    tie, empty = search.population[0], search.population[1]
+    tie.fitness.values, empty.fitness.values = (0.5,), (0.6,)
+    empty[:] = [0.1, 0.1, 0.1, 0.1, 0.9]  # threshold above every block gene: trains nothing
+    genes = list(tie)
+    calls = len(evaluate.calls)
+    search._exploit(0, 0)
+    assert list(tie) == genes and ga.fitness_of(tie) == 0.5  # released code reverts on a tie
+    assert len(evaluate.calls) - calls == 2  # the empty elite was skipped: no evaluations
+    improved = make_ga(tmp_path / "improved", Constant(), elites=2)
+    improved.initialise()
+    improved.population[0].fitness.values = (0.5,)
+    improved._exploit(0, 0)
+    assert ga.fitness_of(improved.population[0]) == 0.1  # improved keeps +d
+
+
+def test_rescore_top_k_returns_the_best_mean_over_every_fold():
+    per_fold = {(0, 0): 0.1, (0, 1): 0.5, (1, 0): 0.2, (1, 1): 0.25}  # candidate 0 met an easy fold
+
+    def evaluate(genes, *, fold, generation, individual, role):
+        assert role == "final_select" and generation == 3
+        return per_fold[(int(genes[0]), fold)]
+
+    best, table = ga.rescore_top_k(evaluate, [([0.0], 0.1), ([1.0], 0.2)], n_folds=2, generation=3)
+    assert best["genes"] == [1.0] and best["mean_fitness"] == pytest.approx(0.225)
+    assert [row["fold_fitness"] for row in table] == [[0.1, 0.5], [0.2, 0.25]]
+
+
+def test_a_corrupt_checkpoint_is_refused_with_the_way_out(tmp_path):
+    search = make_ga(tmp_path)
+    search.initialise()
+    search.checkpoint_path.write_text('{"population": [')
+    resumed = make_ga(tmp_path)
+    with pytest.raises(ga.CheckpointError, match="checkpoint.json is not a readable BioTune checkpoint.*mv "):
+        resumed.restore()
