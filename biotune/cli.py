@@ -37,10 +37,10 @@ def _print_table(frame: pd.DataFrame) -> None:
         print(frame.to_string(index=False))
 
 
-def _add_run_options(parser: argparse.ArgumentParser, *, dataset_default=None) -> None:
-    parser.add_argument("--dataset", default=dataset_default, help="dataset name (biotune datasets)")
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="dataset name (biotune datasets) or a path: .npz, .csv or an image folder")
     parser.add_argument("--model", help="model name (biotune models) or any timm model name")
-    parser.add_argument("--preset", default="cpu", choices=PRESETS)
+    parser.add_argument("--preset", choices=PRESETS, help="config preset (default: cpu)")
     parser.add_argument("--config", help="YAML file with sections data/model/train/ga")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = _overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
     try:
         return _run(args, overrides)
-    except (cfg.ConfigError, ValueError, KeyError, FileNotFoundError) as error:  # PlanError is a ValueError
+    # Bad input of every kind (config, data, store, checkpoint, plan) raises one of these with a
+    # message that says what to do; anything else is a bug and keeps its traceback.
+    except (ValueError, KeyError, OSError) as error:
         print(f"biotune: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -156,7 +158,7 @@ def _run(args, overrides: list[str]) -> int:
     elif args.command == "final":
         _print_table(experiment.final(args.run_id, store=args.store, progress=progress))
     elif args.command == "baseline":
-        run_id, finals = experiment.run_baseline(args.method, args.dataset, args.model, args.preset,
+        run_id, finals = experiment.run_baseline(args.method, args.dataset, args.model, args.preset or "cpu",
                                                  config_file=args.config, overrides=overrides,
                                                  grid=[{}] if args.no_grid else None,
                                                  store=args.store, progress=progress)

@@ -9,76 +9,105 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
+
+# Field types: pydantic checks every value against them (``validate``) before anything runs.
+# Strict: YAML's "8" stays a string and 3.5 is no integer; bounds say what a value may be.
+Flag = Annotated[bool, Strict()]
+Text = Annotated[str, Strict()]
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]  # what numpy and optuna accept
+Count = Annotated[int, Strict(), Field(ge=1)]
+Rate = Annotated[float, Strict(), Field(gt=0)]
+NonNegative = Annotated[float, Strict(), Field(ge=0)]
+FrozenBN = Literal["eval", "train"]
+Fitness = Literal["acc", "acc+std", "loss"]
+Encoding = Literal["full", "no_lr_genes", "no_freezing"]
+GAVariant = Literal["improved", "reference"]
+SearcherName = Literal["biotune", "random", "tpe", "cmaes"]
+FinalSelection = Literal["best_so_far", "rescore_top_k"]
+Device = Annotated[str, Strict(), Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")]
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"
-    image_size: int | None = None  # None: the model's native input size
-    max_train: int | None = None  # stratified, seeded subsets of each split (None: all)
-    max_val: int | None = None
-    max_test: int | None = None
-    val_fraction: float = 0.2  # carved from train when the dataset has no official validation split
-    split_seed: int = 0
-    root: str = "data"
-    download: bool = False
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    dataset: Text = "fashion_mnist"
+    image_size: Annotated[int, Strict(), Field(ge=8)] | None = None  # None: the model's native input size
+    max_train: Count | None = None  # stratified, seeded subsets of each split (None: all)
+    max_val: Count | None = None
+    max_test: Count | None = None
+    # carved from train when the dataset has no official validation split
+    val_fraction: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.2
+    split_seed: Seed = 0
+    root: Text = "data"
+    download: Flag = False
     options: dict = field(default_factory=dict)  # source options, e.g. {"path": "my.npz"}
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tf_efficientnet_lite0"
-    weights: str | None = "imagenet"  # "imagenet", None (random) or a path to a state dict
-    allow_download: bool = False
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    name: Text = "tf_efficientnet_lite0"
+    weights: Text | None = "imagenet"  # "imagenet", None (random) or a path to a state dict
+    allow_download: Flag = False
 
 
 @dataclass
 class TrainConfig:
-    base_lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_epochs: int = 30
-    patience: int = 3  # epochs without improvement of validation macro accuracy
-    min_delta: float = 0.0
-    cosine_t_max: int = 100  # CosineAnnealingLR(T_max) stepped once per epoch
-    batch_size: int = 96
-    eval_batch_size: int = 64
-    frozen_bn: str = "eval"  # "eval": frozen blocks keep BatchNorm statistics; "train": released code
-    seeds: list = field(default_factory=lambda: [684, 559, 629])
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
-    num_threads: int | None = None  # torch CPU threads (None: torch's default)
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    base_lr: Rate = 1e-3
+    weight_decay: NonNegative = 0.0
+    max_epochs: Count = 30
+    patience: Count = 3  # epochs without improvement of validation macro accuracy
+    min_delta: NonNegative = 0.0
+    cosine_t_max: Count = 100  # CosineAnnealingLR(T_max) stepped once per epoch
+    batch_size: Count = 96
+    eval_batch_size: Count = 64
+    frozen_bn: FrozenBN = "eval"  # "eval": frozen blocks keep BatchNorm statistics; "train": released code
+    seeds: Annotated[list[Seed], Field(min_length=1)] = field(default_factory=lambda: [684, 559, 629])
+    device: Device = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
+    amp: Flag = True  # bfloat16 autocast on CUDA (ignored on CPU)
+    num_threads: Count | None = None  # torch CPU threads (None: torch's default)
 
 
 @dataclass
 class GAConfig:
-    population: int = 10
-    generations: int = 10
-    elites: int = 3
-    train_split: float = 0.5  # fold share: n_folds = ceil(1 / train_split)
-    fitness: str = "acc"  # "acc" | "acc+std" | "loss"
-    encoding: str = "full"  # "full" | "no_lr_genes" | "no_freezing"
-    ga_variant: str = "improved"  # "improved" | "reference" (the released code's behaviour)
-    momentum: bool = False
-    exploit_step: float = 0.25
-    seed: int = 0
-    cache: bool = True  # evaluation cache (improved variant only)
-    searcher: str = "biotune"  # "biotune" | "random" | "tpe" | "cmaes": baselines at BioTune's budget
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    population: Annotated[int, Strict(), Field(ge=2)] = 10
+    generations: Annotated[int, Strict(), Field(ge=0)] = 10
+    elites: Annotated[int, Strict(), Field(ge=0)] = 3
+    train_split: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.5  # fold share: n_folds = ceil(1 / train_split)
+    fitness: Fitness = "acc"
+    encoding: Encoding = "full"
+    ga_variant: GAVariant = "improved"  # "reference": the released code's behaviour
+    momentum: Flag = False
+    exploit_step: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.25
+    seed: Seed = 0
+    cache: Flag = True  # evaluation cache (improved variant only)
+    searcher: SearcherName = "biotune"  # random / tpe / cmaes: baselines at BioTune's budget
+    # Which genome a search returns: the best fitness seen (the paper's rule, each measured on
+    # whichever fold it met), or the best mean over every fold of the rescore_k best distinct
+    # genomes, re-evaluated at the end (their cost is counted as evaluations of the run).
+    final_selection: FinalSelection = "best_so_far"
+    rescore_k: Count = 3
 
 
 @dataclass
 class Config:
-    preset: str = "paper"
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    preset: Text = "paper"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ga: GAConfig = field(default_factory=GAConfig)
-    results_dir: str = "results"
-    store: str | None = None  # SQLite file; None: <results_dir>/runs.sqlite
+    results_dir: Text = "results"
+    store: Text | None = None  # SQLite file; None: <results_dir>/runs.sqlite
 
     @property
     def store_path(self) -> Path:
@@ -88,13 +117,9 @@ class Config:
         return asdict(self)
 
 
-CHOICES = {
-    "train.frozen_bn": ("eval", "train"),
-    "ga.fitness": ("acc", "acc+std", "loss"),
-    "ga.encoding": ("full", "no_lr_genes", "no_freezing"),
-    "ga.ga_variant": ("improved", "reference"),
-    "ga.searcher": ("biotune", "random", "tpe", "cmaes"),
-}
+CHOICES = {"train.frozen_bn": get_args(FrozenBN), "ga.fitness": get_args(Fitness),
+           "ga.encoding": get_args(Encoding), "ga.ga_variant": get_args(GAVariant),
+           "ga.searcher": get_args(SearcherName), "ga.final_selection": get_args(FinalSelection)}
 
 # Presets override the defaults (which are the paper's recipe). The cpu values were chosen so a
 # whole cpu run (search + final for BioTune, full fine-tuning and linear probing) on one dataset
@@ -140,9 +165,16 @@ def _merge_section(target: Any, updates: dict, where: str) -> None:
 
 
 def merge(config: Config, updates: dict, source: str) -> Config:
-    """Apply a nested dict of updates; unknown sections or keys raise ConfigError."""
+    """Apply a nested dict of updates; unknown sections or keys raise ConfigError.
+
+    A layer that names another dataset without giving its options drops the options merged so
+    far: they belong to the previous dataset (the smoke preset's synthetic sizes, say).
+    """
     sections = {f.name for f in fields(Config) if dataclasses.is_dataclass(getattr(config, f.name))}
     top = {f.name for f in fields(Config)} - sections
+    data = (updates or {}).get("data")
+    if isinstance(data, dict) and "options" not in data and data.get("dataset", config.data.dataset) != config.data.dataset:
+        config.data.options = {}
     for key, value in (updates or {}).items():
         if key in sections:
             if not isinstance(value, dict):
@@ -157,6 +189,27 @@ def merge(config: Config, updates: dict, source: str) -> Config:
     return config
 
 
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 does: ``1e-4`` is a number, not a string."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML (``where`` names the file or flag in the error, with the line and column)."""
+    try:
+        return yaml.load(text, Loader=YAMLLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+
+
 def parse_overrides(pairs: list[str] | dict) -> dict:
     """``["ga.population=8", "train.seeds=[1,2]"]`` -> nested dict; values parsed as YAML."""
     if isinstance(pairs, dict):
@@ -167,7 +220,7 @@ def parse_overrides(pairs: list[str] | dict) -> dict:
             if "=" not in pair:
                 raise ConfigError(f"override {pair!r} must look like section.key=value, e.g. ga.population=8")
             key, raw = pair.split("=", 1)
-            items.append((key, yaml.safe_load(raw) if raw != "" else None))
+            items.append((key, load_yaml(raw, f"override {key}") if raw != "" else None))
     nested: dict = {}
     for dotted, value in items:
         parts = dotted.split(".")
@@ -191,14 +244,17 @@ def resolve(preset: str = "cpu", config_file: str | Path | None = None,
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass a YAML file with sections "
                               "data/model/train/ga")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {path} cannot be read as text ({error}); pass a YAML file") from None
+        loaded = load_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         loaded.pop("preset", None)
         merge(config, loaded, str(path))
     merge(config, parse_overrides(overrides or []), "override")
-    validate(config)
-    return config
+    return validate(config)
 
 
 def from_dict(values: dict) -> Config:
@@ -206,38 +262,42 @@ def from_dict(values: dict) -> Config:
     values = copy.deepcopy(values)
     config = Config(preset=values.pop("preset", "paper"))
     merge(config, values, "stored config")
-    validate(config)
-    return config
+    return validate(config)
 
 
-def validate(config: Config) -> None:
-    for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not valid; choose one of: {', '.join(allowed)}")
-    ga, train, data = config.ga, config.train, config.data
-    checks = [
-        (ga.population >= 2, f"ga.population must be >= 2, got {ga.population}"),
-        (0 <= ga.elites < ga.population,
-         f"ga.elites must be >= 0 and smaller than ga.population ({ga.population}), got {ga.elites}"),
-        (ga.generations >= 0, f"ga.generations must be >= 0, got {ga.generations}"),
-        (0 < ga.train_split <= 1, f"ga.train_split must be in (0, 1], got {ga.train_split}"),
-        (0 < ga.exploit_step <= 1, f"ga.exploit_step must be in (0, 1], got {ga.exploit_step}"),
-        (train.base_lr > 0, f"train.base_lr must be > 0, got {train.base_lr}"),
-        (train.max_epochs >= 1, f"train.max_epochs must be >= 1, got {train.max_epochs}"),
-        (train.patience >= 1, f"train.patience must be >= 1, got {train.patience}"),
-        (train.batch_size >= 1 and train.eval_batch_size >= 1, "batch sizes must be >= 1"),
-        (isinstance(train.seeds, list) and len(train.seeds) >= 1
-         and all(isinstance(s, int) for s in train.seeds),
-         f"train.seeds must be a non-empty list of integers, got {train.seeds!r}"),
-        (0 < data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {data.val_fraction}"),
-        (data.image_size is None or data.image_size >= 8,
-         f"data.image_size must be >= 8 pixels or null, got {data.image_size}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+_CONFIG_SCHEMA = TypeAdapter(Config)
+
+
+def validate(config: Config) -> Config:
+    """Check every value against its field's type and bounds (pydantic), then the rules that tie
+    fields together; return the checked config. Errors name the key, the value and what is expected."""
+    try:
+        checked = _CONFIG_SCHEMA.validate_python(config.to_dict())
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors():
+            key = ".".join(str(part) for part in problem["loc"])
+            problems.append(f"{key}={problem['input']!r}: {_expected(problem)}")
+        raise ConfigError("invalid config value" + ("s" if len(problems) > 1 else "") + ": "
+                          + "; ".join(problems)) from None
+    ga = checked.ga
+    if ga.elites >= ga.population:
+        raise ConfigError(f"ga.elites must be >= 0 and smaller than ga.population ({ga.population}), got {ga.elites}")
+    if Path(checked.results_dir).exists() and not Path(checked.results_dir).is_dir():
+        raise ConfigError(f"results_dir={checked.results_dir!r} is a file; run folders need a folder "
+                          "(pass --results-dir DIR)")
+    return checked
+
+
+def _expected(problem: dict) -> str:
+    """pydantic's message, with the choices spelt out and the device's pattern in words."""
+    if problem["type"] == "literal_error":
+        return "choose one of: " + problem["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+    if problem["type"] == "string_pattern_mismatch":
+        return "expected auto, cpu, mps, cuda or cuda:N"
+    if problem["type"] == "too_short":
+        return f"expected at least {problem['ctx']['min_length']} value(s)"
+    return problem["msg"].replace("Input should be", "expected")
 
 
 def num_folds(train_split: float) -> int:

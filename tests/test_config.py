@@ -27,14 +27,58 @@ def test_paper_preset_is_the_papers_recipe():
     (["ga.populaton=8"], "unknown config key ga.populaton; valid keys of \\[ga\\]"),
     (["gaa.population=8"], "unknown config section or key 'gaa'"),
     (["ga.elites=10"], "ga.elites must be .* smaller than ga.population"),
-    (["ga.fitness=accuracy"], "choose one of: acc, acc\\+std, loss"),
-    (["ga.train_split=0"], "train_split must be in \\(0, 1\\]"),
-    (["train.seeds=[]"], "non-empty list of integers"),
+    (["ga.fitness=accuracy"], "ga.fitness='accuracy': choose one of: acc, acc\\+std, loss"),
+    (["ga.train_split=0"], "ga.train_split=0: expected greater than 0"),
+    (["train.seeds=[]"], "train.seeds=\\[\\]: expected at least 1 value"),
     (["population"], "section.key=value"),
+    # every field is checked against its type and bounds before anything runs
+    (["ga.population=ten"], "ga.population='ten': expected a valid integer"),
+    (["ga.population=3.5"], "ga.population=3.5: expected a valid integer"),
+    (["train.batch_size=big"], "train.batch_size='big': expected a valid integer"),
+    (["train.cosine_t_max=0"], "train.cosine_t_max=0: expected greater than or equal to 1"),
+    (["train.device=tpu"], "train.device='tpu': expected auto, cpu, mps, cuda or cuda:N"),
+    (["ga.momentum=flase"], "ga.momentum='flase': expected a valid boolean"),
+    (["train.min_delta=-5"], "train.min_delta=-5: expected greater than or equal to 0"),
+    (["ga.seed=abc"], "ga.seed='abc': expected a valid integer"),
+    (["data.split_seed=-1"], "data.split_seed=-1: expected greater than or equal to 0"),
+    (["train.weight_decay=-0.1"], "train.weight_decay=-0.1: expected greater than or equal to 0"),
+    (["train.seeds=[1, x]"], "train.seeds.1='x': expected a valid integer"),
+    (["model.weights=5"], "model.weights=5: expected a valid string"),
+    (["ga.final_selection=best"], "choose one of: best_so_far, rescore_top_k"),
+    (["train.seeds=[1,"], "override train.seeds: invalid YAML at line 1"),
 ])
 def test_bad_config_fails_early_with_a_useful_message(override, message):
     with pytest.raises(cfg.ConfigError, match=message):
         cfg.resolve("smoke", overrides=override)
+
+
+def test_yaml_1_2_floats_and_checked_values_are_typed():
+    config = cfg.resolve("smoke", overrides=["train.base_lr=1e-4", "ga.momentum=true", "train.weight_decay=0"])
+    assert config.train.base_lr == 1e-4 and config.ga.momentum is True
+    assert isinstance(config.train.weight_decay, float)
+
+
+def test_a_dataset_named_later_does_not_inherit_the_presets_dataset_options(tmp_path):
+    assert cfg.resolve("smoke").data.options  # the synthetic dataset's sizes
+    assert cfg.resolve("smoke", overrides=["data.dataset=digits"]).data.options == {}
+    kept = cfg.resolve("smoke", overrides={"data.dataset": "npz", "data.options": {"path": "x.npz"}})
+    assert kept.data.options == {"path": "x.npz"}
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  dataset: digits\n")
+    assert cfg.resolve("smoke", path).data.options == {}
+
+
+def test_invalid_yaml_file_names_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("ga:\n  population: 8\n  elites: [1,\n")
+    with pytest.raises(cfg.ConfigError, match=f"{path}: invalid YAML at line 4"):
+        cfg.resolve("cpu", path)
+
+
+def test_results_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(cfg.ConfigError, match="is a file"):
+        cfg.resolve("smoke", overrides={"results_dir": str(tmp_path / "file")})
 
 
 def test_unknown_preset_and_missing_file():
