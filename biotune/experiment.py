@@ -6,9 +6,11 @@ the final results and a convergence figure (biotune.md §9).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
+import re
 import secrets
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import pandas as pd
 from . import config as cfg
 from .data import load_dataset, make_folds
 from .fitness import Evaluator
-from .ga import BioTuneGA, GAResult
+from .ga import BioTuneGA, GAResult, rescore_top_k
 from .genome import decode, make_recipe, num_genes, recipe_table, save_recipe
 from .methods import METHODS, PlanMethod
 from .models import create_model, model_preprocess
@@ -43,7 +45,11 @@ PACKAGES = ("torch", "torchvision", "timm", "deap", "numpy", "scikit-learn", "pa
 
 
 def new_run_id(method: str, dataset: str) -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-{dataset}-{secrets.token_hex(2)}"
+    """Time, method, dataset and a random tag; a dataset given as a path contributes its stem, so
+    the run folder stays one level under results/."""
+    name = Path(dataset).stem if any(sep in dataset for sep in "/\\.") else dataset
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "data"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-{name}-{secrets.token_hex(2)}"
 
 
 def _git(*args: str) -> str | None:
@@ -119,8 +125,9 @@ def run_overrides(dataset, model, overrides, store) -> dict:
     return extra
 
 
-def _start_run(config: cfg.Config, store: RunStore, *, kind: str, method: str, **meta_extra) -> tuple[str, Path]:
-    run_id = new_run_id(method, config.data.dataset)
+def _start_run(config: cfg.Config, store: RunStore, *, kind: str, method: str, run_id: str | None = None,
+               **meta_extra) -> tuple[str, Path]:
+    run_id = run_id or new_run_id(method, config.data.dataset)
     meta = run_metadata(config.train.device) | meta_extra
     store.create_run(run_id, kind=kind, method=method, config=config.to_dict(), meta=meta)
     folder = run_dir(config, run_id)
@@ -148,44 +155,61 @@ class SearchResult:
                 f"recipe={recipe_table(self.recipe)})")
 
 
-def search(dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
+def search(dataset: str | None = None, model: str | None = None, preset: str | None = None, *,
            config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
            resume: str | None = None, store: str | Path | None = None, progress: bool = True) -> SearchResult:
     """Run (or resume) a search and write its outputs; returns the best recipe.
 
     ``ga.searcher`` picks BioTune's GA (default) or a baseline at its budget (random, tpe, cmaes);
-    the run's method in the store is that name.
+    the run's method in the store is that name. ``preset`` defaults to ``cpu``; a resumed run
+    keeps its stored config, so ``resume`` takes no dataset, model, preset, file or overrides.
     ``biotune.search("digits", "tf_efficientnet_lite0", preset="cpu", overrides={"ga.population": 8})``
     """
     if resume is not None:
+        _refuse_changes_on_resume(resume, dataset=dataset, model=model, preset=preset,
+                                  config_file=config_file, overrides=overrides)
         config, store_obj = _resumed_config(resume, store)
+        run_id = resume
     else:
-        config = cfg.resolve(preset, config_file, run_overrides(dataset, model, overrides, store))
+        config = cfg.resolve(preset or "cpu", config_file, run_overrides(dataset, model, overrides, store))
         store_obj = RunStore(config.store_path)
-    model_obj, dataset_obj = load_inputs(config)  # before the run exists: bad data leaves no orphan run
-    if resume is not None:
-        run_id, folder = resume, run_dir(config, resume)
-        store_obj.set_status(run_id, "running")
-    else:
-        run_id, folder = _start_run(config, store_obj, kind="search", method=config.ga.searcher)
-    log.info("run %s: results in %s, store %s", run_id, folder, config.store_path)
-
+        run_id = new_run_id(config.ga.searcher, config.data.dataset)
+    # Everything that can fail on bad input happens before the run exists or changes status.
+    model_obj, dataset_obj = load_inputs(config)
     folds = make_folds(dataset_obj.train.labels, dataset_obj.val.labels, config.ga.train_split,
                        seed=config.data.split_seed)
     evaluator = Evaluator(model=model_obj, dataset=dataset_obj, folds=folds, config=config, store=store_obj,
                           run_id=run_id, progress=progress)
+    folder = Path(config.results_dir) / run_id
+    loop = _search_loop(config, evaluator, len(model_obj.blocks), len(folds), folder,
+                        resumed=resume is not None, progress=progress)
+    previous_status = store_obj.run(run_id)["status"] if resume is not None else None
+    log.info("run %s: results in %s, store %s", run_id, folder, config.store_path)
     try:
-        outcome = _search_loop(config, evaluator, len(model_obj.blocks), len(folds), folder,
-                               resumed=resume is not None, progress=progress).run()
+        if resume is None:
+            _start_run(config, store_obj, kind="search", method=config.ga.searcher, run_id=run_id)
+        store_obj.set_status(run_id, "running")
+        outcome = loop.run()
+        if config.ga.final_selection == "rescore_top_k":
+            outcome = _rescore_top_k(config, evaluator, store_obj, run_id, len(folds), outcome)
     except KeyboardInterrupt:
-        store_obj.set_status(run_id, "interrupted")
+        store_obj.set_status(run_id, "finished" if previous_status == "finished" else "interrupted")
         log.warning("run %s interrupted; finished evaluations are kept: biotune search --resume %s",
                     run_id, run_id)
         raise
     except Exception:
-        store_obj.set_status(run_id, "failed")
+        store_obj.set_status(run_id, "finished" if previous_status == "finished" else "failed")
         raise
     return _finish_search(config, store_obj, run_id, folder, model_obj, outcome)
+
+
+def _refuse_changes_on_resume(run_id: str, **given) -> None:
+    """A resumed run replays its stored config exactly; anything else given would be ignored."""
+    changes = [name for name, value in given.items() if value not in (None, [], {})]
+    if changes:
+        raise cfg.ConfigError(
+            f"--resume {run_id} continues the run with its stored config; it takes no "
+            f"{', '.join(changes)} (given). To change the config, start a new run without --resume.")
 
 
 def _search_loop(config: cfg.Config, evaluator: Evaluator, num_blocks: int, n_folds: int, folder: Path, *,
@@ -200,6 +224,31 @@ def _search_loop(config: cfg.Config, evaluator: Evaluator, num_blocks: int, n_fo
     if resumed:
         ga.restore()
     return ga
+
+
+def _rescore_top_k(config: cfg.Config, evaluator: Evaluator, store: RunStore, run_id: str, n_folds: int,
+                   outcome: GAResult) -> GAResult:
+    """``ga.final_selection = rescore_top_k``: the k best distinct recipes the search trained
+    (distinct decoded plans, each at the best fitness it reached) are evaluated on every fold,
+    and the best mean wins. These evaluations are the run's last ones (generation T, role
+    ``final_select``), so they count in its budget and replay on resume like any other."""
+    evaluations = store.evaluations(run_id)
+    trained = evaluations[(evaluations["status"] == "ok") & (evaluations["role"] != "final_select")]
+    candidates, plans = [], set()
+    for genes, fitness in trained.sort_values(["fitness", "seq"], kind="stable")[["genes", "fitness"]].itertuples(index=False):
+        plan = decode(genes, evaluator.block_names, config.ga.encoding).key()
+        if plan not in plans:
+            plans.add(plan)
+            candidates.append((genes, fitness))
+    if not candidates:
+        log.warning("run %s: no evaluation trained successfully; keeping the best-so-far genome", run_id)
+        return outcome
+    best, table = rescore_top_k(evaluator, candidates[: config.ga.rescore_k], n_folds=n_folds,
+                                generation=config.ga.generations)
+    log.info("run %s: re-scored %d genomes on %d folds; the best mean fitness is %.4f (search fitness %.4f)",
+             run_id, len(table), n_folds, best["mean_fitness"], best["search_fitness"])
+    return dataclasses.replace(outcome, best_genes=best["genes"], best_fitness=best["mean_fitness"],
+                               evaluations=outcome.evaluations + len(table) * n_folds, selection=table)
 
 
 def _resumed_config(run_id: str, store: str | Path | None) -> tuple[cfg.Config, RunStore]:
@@ -229,7 +278,8 @@ def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, ou
                "evaluations": len(evaluations), "train_runs": int(evaluations["train_runs"].sum()),
                "cache_hits": int(evaluations["cache_hit"].sum()),
                "failed": int((evaluations["status"] == "diverged").sum()),
-               "seconds": float(evaluations["seconds"].sum()), "generations": outcome.logbook}
+               "seconds": float(evaluations["seconds"].sum()), "generations": outcome.logbook,
+               "final_selection": config.ga.final_selection, "rescored": outcome.selection}
     store.set_status(run_id, "finished", summary)
     log.info("run %s finished: best fitness %.4f", run_id, outcome.best_fitness)
     return SearchResult(run_id, folder, outcome.best_genes, outcome.best_fitness, recipe, evaluations, generations)

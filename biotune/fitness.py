@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 WORST = {"acc": 1.0, "acc+std": 1.0, "loss": 10.0}
 
 
-class ReplayMismatchError(RuntimeError):
+class ReplayMismatchError(ValueError):
     """A resumed run asked for a different genome than the one stored under the same number."""
 
 
@@ -60,7 +60,7 @@ class Evaluator:
 
         started = time.perf_counter()
         plan = decode(genes, self.block_names, self.config.ga.encoding)
-        outcome, cache_hit = None, False
+        outcome, cache_hit, new_cache_entry = None, False, None
         if plan.is_empty:
             outcome = {"status": "no_trained_block", "fitness": self.worst, "per_seed": [], "train_runs": 0}
         else:
@@ -70,8 +70,7 @@ class Evaluator:
                 cache_hit = outcome is not None
             if outcome is None:
                 outcome = self._train(plan, self.folds[fold])
-                if self.use_cache:
-                    self.store.add_cached(self.run_id, key, outcome)
+                new_cache_entry = (key, outcome) if self.use_cache else None
         self.store.add_evaluation(self.run_id, {
             "seq": seq, "generation": generation, "individual": individual, "role": role, "fold": fold,
             "genes": genes, "trained": plan.trained_mask(), "multipliers": plan.multipliers,
@@ -80,7 +79,7 @@ class Evaluator:
             "val_loss": outcome.get("val_loss"), "per_seed": outcome["per_seed"],
             "train_runs": 0 if cache_hit else outcome["train_runs"], "cache_hit": int(cache_hit),
             "seconds": time.perf_counter() - started,
-        })
+        }, cached=new_cache_entry)
         return outcome["fitness"]
 
     def _train(self, plan, fold: Fold) -> dict:

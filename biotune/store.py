@@ -87,16 +87,34 @@ class RunNotFoundError(KeyError):
         return str(self.args[0])
 
 
+class StoreError(ValueError):
+    """A run store file that is not a readable SQLite database."""
+
+
 class RunStore:
     def __init__(self, path: str | Path | None = None):
-        """Open (or create) the store at ``path``; None: the default, results/runs.sqlite."""
+        """Open (or create) the store at ``path``; None: the default, results/runs.sqlite.
+
+        A file that is not SQLite, or a damaged one (a truncated copy, say), is refused here with
+        a message, not met later as a traceback half-way through a run.
+        """
         self.path = Path(path) if path is not None else Config().store_path
+        if self.path.is_dir():
+            raise StoreError(f"run store {self.path} is a folder; pass a file, e.g. --store {self.path / 'runs.sqlite'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as error:
+            problems = [str(error)]
+        if problems != ["ok"]:
+            self.db.close()
+            raise StoreError(f"{self.path} is not a readable run store (SQLite says: {'; '.join(problems[:3])}). "
+                             "Pass another file with --store, or move this one away to start a new store")
 
     def close(self) -> None:
         self.db.close()
@@ -169,13 +187,20 @@ class RunStore:
         return frame
 
     # evaluations -----------------------------------------------------------------------------
-    def add_evaluation(self, run_id: str, row: dict) -> None:
+    def add_evaluation(self, run_id: str, row: dict, cached: tuple[str, dict] | None = None) -> None:
+        """Record an evaluation and, if given, its ``(key, value)`` cache entry in one transaction:
+        a kill between the two would leave a cache entry whose training the resumed run does not
+        count."""
         values = {k: (json.dumps(v) if k in JSON_COLUMNS else v) for k, v in row.items()}
         values.update(run_id=run_id, finished_at=time.time())
         columns = ", ".join(values)
         with self._write() as db:
             db.execute(f"INSERT INTO evaluations ({columns}) VALUES ({', '.join('?' * len(values))})",
                        list(values.values()))
+            if cached is not None:
+                key, value = cached
+                db.execute("INSERT OR REPLACE INTO cache (run_id, key, value) VALUES (?, ?, ?)",
+                           (run_id, key, json.dumps(value)))
 
     def evaluation(self, run_id: str, seq: int) -> dict | None:
         row = self.db.execute("SELECT * FROM evaluations WHERE run_id = ? AND seq = ?", (run_id, seq)).fetchone()
@@ -202,11 +227,6 @@ class RunStore:
     def cached(self, run_id: str, key: str) -> dict | None:
         row = self.db.execute("SELECT value FROM cache WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
         return json.loads(row[0]) if row else None
-
-    def add_cached(self, run_id: str, key: str, value: dict) -> None:
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO cache (run_id, key, value) VALUES (?, ?, ?)",
-                       (run_id, key, json.dumps(value)))
 
     # final protocol --------------------------------------------------------------------------
     def add_final(self, run_id: str, row: dict) -> None:

@@ -187,3 +187,80 @@ def test_cli_reports_bad_input_without_a_traceback(capsys, tmp_path):
     assert "ga.elites" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["search", "--preset", "smoke", "--bogus"])
+
+
+def test_rescore_top_k_re_evaluates_the_best_distinct_recipes_on_every_fold(smoke):
+    overrides = {**smoke["overrides"], "ga.final_selection": "rescore_top_k", "ga.rescore_k": 2}
+    result = biotune.search(preset="smoke", store=smoke["store"], overrides=overrides, progress=False)
+    rescored = result.evaluations[result.evaluations["role"] == "final_select"]
+    assert len(result.evaluations) == 3 + 1 * (3 + 1) + 2 * 2  # the search, then k genomes x 2 folds
+    assert rescored["generation"].unique().tolist() == [1] and sorted(rescored["fold"]) == [0, 0, 1, 1]
+    means = rescored.groupby(rescored["genes"].map(tuple), sort=False)["fitness"].mean()
+    assert result.best_fitness == pytest.approx(means.min())
+    assert tuple(result.best_genes) == means.idxmin()  # on a tie, the candidate that searched better
+    with RunStore(smoke["store"]) as store:
+        run = store.run(result.run_id)
+    assert run["result"]["final_selection"] == "rescore_top_k" and len(run["result"]["rescored"]) == 2
+    assert run["result"]["evaluations"] == len(result.evaluations)
+    again = biotune.search(resume=result.run_id, store=smoke["store"], progress=False)  # replays, trains nothing
+    assert again.best_genes == result.best_genes
+    assert comparable(again.evaluations) == comparable(result.evaluations)
+
+
+def test_a_failed_resume_keeps_a_finished_run_finished_and_says_the_way_out(smoke):
+    result = biotune.search(**smoke, progress=False)
+    checkpoint = result.folder / "checkpoint.json"
+    checkpoint.write_text("{not json")
+    with pytest.raises(ValueError, match="checkpoint.json is not a readable BioTune checkpoint.*mv "):
+        biotune.search(resume=result.run_id, store=smoke["store"], progress=False)
+    with RunStore(smoke["store"]) as store:
+        assert store.run(result.run_id)["status"] == "finished"
+    checkpoint.rename(checkpoint.with_suffix(".bad"))  # the way out the message gives: replay from the start
+    replayed = biotune.search(resume=result.run_id, store=smoke["store"], progress=False)
+    assert comparable(replayed.evaluations) == comparable(result.evaluations)
+    assert replayed.best_genes == result.best_genes
+
+
+def test_resume_refuses_settings_it_would_ignore(smoke):
+    result = biotune.search(**smoke, progress=False)
+    with pytest.raises(biotune.ConfigError, match=f"--resume {result.run_id} .* takes no overrides"):
+        biotune.search(resume=result.run_id, store=smoke["store"], overrides={"ga.population": 8})
+    with pytest.raises(biotune.ConfigError, match="takes no dataset, preset"):
+        biotune.search("digits", preset="cpu", resume=result.run_id, store=smoke["store"])
+
+
+def test_a_dataset_path_gives_its_stem_to_the_run_id():
+    from biotune.experiment import new_run_id
+
+    assert "-biotune-my_scans-" in new_run_id("biotune", "/data/x/my scans.npz")
+    assert "-biotune-images-" in new_run_id("biotune", "data/images/")
+    assert "-full-digits-" in new_run_id("full", "digits")
+
+
+def test_an_evaluation_and_its_cache_entry_are_committed_together(tmp_path, smoke_config):
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.create_run("r", kind="search", method="biotune", config=smoke_config.to_dict(), meta={})
+        with pytest.raises(sqlite3.Error):  # the evaluation row fails: its cache entry must not stay
+            store.add_evaluation("r", {"seq": 0, "no_such_column": 1}, cached=("key", {"fitness": 0.5}))
+        assert store.cached("r", "key") is None
+
+
+@pytest.mark.parametrize("content", [b"this is not a database\n" * 10, None])
+def test_a_store_that_is_not_sqlite_or_is_truncated_is_refused(tmp_path, smoke_config, content):
+    from biotune.store import StoreError
+
+    path = tmp_path / "runs.sqlite"
+    if content is None:  # a real store cut short, as a copy interrupted half-way leaves it
+        with RunStore(path) as store:
+            store.create_run("r", kind="search", method="biotune", config=smoke_config.to_dict(), meta={})
+            for seq in range(200):
+                store.add_evaluation("r", {"seq": seq, "generation": 0, "individual": 0, "role": "init",
+                                           "fold": 0, "genes": [0.5] * 50, "trained": [1], "multipliers": {},
+                                           "status": "ok", "fitness": 0.5, "per_seed": [], "train_runs": 1,
+                                           "cache_hit": 0, "seconds": 1.0})
+        content = path.read_bytes()[: len(path.read_bytes()) // 2]
+        for leftover in tmp_path.glob("runs.sqlite-*"):
+            leftover.unlink()
+    path.write_bytes(content)
+    with pytest.raises(StoreError, match="runs.sqlite is not a readable run store.*--store"):
+        RunStore(path)
