@@ -44,6 +44,8 @@ def variant(config: dict) -> str:
         parts.append(ga["encoding"].replace("_", " ").replace("lr", "LR"))
     if ga["ga_variant"] != "improved":
         parts.append(f"{ga['ga_variant']} GA")
+    if ga.get("final_selection", "best_so_far") != "best_so_far":
+        parts.append(f"re-scored top {ga['rescore_k']}")
     sizes = {key: preset.get(key, getattr(default, key)) for key in ("population", "generations", "elites")}
     if ga["population"] != sizes["population"] or ga["generations"] != sizes["generations"]:
         parts.append(f"N={ga['population']}, T={ga['generations']}")
