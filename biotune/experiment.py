@@ -289,17 +289,18 @@ def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, ou
 # Final protocol and baselines
 
 
-def final_protocol(config: cfg.Config, store: RunStore, run_id: str, method_name: str, make_method, grid=None,
-                   *, progress: bool = True) -> pd.DataFrame:
+def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: str, method_name: str, make_method,
+                   grid=None, *, progress: bool = True) -> pd.DataFrame:
     """Retrain on the full train part once per seed, early-stop on full validation, score on test.
 
     ``make_method(**setting)`` builds the method for each hyperparameter setting of ``grid``
     (default: the method's own grid). Every setting is trained with every seed; the setting with
     the best mean validation macro accuracy is marked ``selected`` and the others stay in the
     table, so the grid's cost is counted. Rows already in the store are kept, so an interrupted
-    final protocol resumes too.
+    final protocol resumes too. ``inputs`` is ``load_inputs(config)``, loaded by the caller
+    before the run exists, so bad data leaves no run behind.
     """
-    model, dataset = load_inputs(config)
+    model, dataset = inputs
     grid = grid if grid is not None else make_method().grid
     finished = store.finals(run_id)
     for setting in grid:
@@ -338,7 +339,8 @@ def final(run_id: str, *, store: str | Path | None = None, progress: bool = True
     def best_genome():
         return PlanMethod(lambda model: decode(genes, [b.name for b in model.blocks], config.ga.encoding))
 
-    return final_protocol(config, store_obj, run_id, run["method"], best_genome, progress=progress)
+    return final_protocol(config, load_inputs(config), store_obj, run_id, run["method"], best_genome,
+                          progress=progress)
 
 
 def run_baseline(method: str, dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
@@ -360,15 +362,19 @@ def run_baseline(method: str, dataset: str | None = None, model: str | None = No
     if previous is not None and previous["status"] == "finished":
         log.info("run %s: the same baseline is already in the store; reusing it", previous["run_id"])
         return previous["run_id"], store_obj.select_final_setting(previous["run_id"], method)
-    if previous is not None:
-        run_id = previous["run_id"]
-        log.info("run %s: continuing its unfinished final protocol", run_id)
-        store_obj.set_status(run_id, "running")
-    else:
-        run_id, _ = _start_run(config, store_obj, kind="baseline", method=method, grid=grid)
+    inputs = load_inputs(config)
+    run_id = previous["run_id"] if previous is not None else new_run_id(method, config.data.dataset)
     try:
-        finals = final_protocol(config, store_obj, run_id, method, method_class, grid, progress=progress)
-    except BaseException:
+        if previous is not None:
+            log.info("run %s: continuing its unfinished final protocol", run_id)
+            store_obj.set_status(run_id, "running")
+        else:
+            _start_run(config, store_obj, kind="baseline", method=method, run_id=run_id, grid=grid)
+        finals = final_protocol(config, inputs, store_obj, run_id, method, method_class, grid, progress=progress)
+    except KeyboardInterrupt:
+        store_obj.set_status(run_id, "interrupted")
+        raise
+    except Exception:
         store_obj.set_status(run_id, "failed")
         raise
     store_obj.set_status(run_id, "finished", {"method": method, "setting": finals["setting"].iloc[0]})
