@@ -6,7 +6,6 @@ import logging
 import sys
 
 import pandas as pd
-import yaml
 
 from . import config as cfg
 
@@ -199,7 +198,7 @@ def _notebooks(args) -> int:
         if not separator or not name.isidentifier():
             raise cfg.ConfigError(f"-p {pair!r}: expected NAME=VALUE with a parameter name, e.g. -p device=cuda "
                                   "or -p 'overrides={train.max_epochs: 3}'")
-        extra[name] = yaml.safe_load(raw) if raw else None
+        extra[name] = cfg.load_yaml(raw, f"-p {name}") if raw else None
     summary = notebooks.run_plan(args.plan, output_dir=args.output_dir, force=args.force, only=args.only,
                                  extra_parameters=extra, kernel_name=args.kernel)
     _print_table(summary)

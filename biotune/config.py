@@ -199,15 +199,19 @@ YAMLLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_yaml(text: str, where: str) -> Any:
-    """Parse YAML (``where`` names the file or flag in the error, with the line and column)."""
+def load_yaml(text: str, where: str, error: type[ValueError] = ConfigError) -> Any:
+    """Parse YAML; a syntax error raises ``error`` naming ``where`` (a file or flag), the line and
+    the column (PyYAML's own errors name neither the file nor are they ValueErrors)."""
     try:
         return yaml.load(text, Loader=YAMLLoader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
+    except yaml.YAMLError as problem:
+        mark = getattr(problem, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+        message = getattr(problem, "problem", None) or " ".join(str(problem).split())
+        context, context_mark = getattr(problem, "context", None), getattr(problem, "context_mark", None)
+        if context and context_mark:  # e.g. "while parsing a flow sequence", opened on an earlier line
+            message += f" ({context} from line {context_mark.line + 1})"
+        raise error(f"{where}: invalid YAML{at}: {message}") from None
 
 
 def parse_overrides(pairs: list[str] | dict) -> dict:

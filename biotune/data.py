@@ -17,7 +17,10 @@ import logging
 import os
 import tempfile
 import warnings
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -45,6 +48,9 @@ TEST_SEED = 0  # fixed, unlike the validation seed, so the test images never cha
 MAX_DEFAULT_SIZE = 224  # default input size cap for photo sets loaded without a Preprocess
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DIGITS = [str(d) for d in range(10)]
+NPZ_KEYS = (*(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")), "class_names")
+NPZ_LAYOUT = ("train_images, train_labels and optionally val_images/val_labels, test_images/test_labels, "
+              "class_names (the MedMNIST layout)")
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 _CACHE_VERSION = 1
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
@@ -199,10 +205,12 @@ def load_dataset(name: str, preprocess: Preprocess | None = None, *, root: str |
     cache_file = root / "cache" / f"{title}-{key}.pt"
     if cache and cache_file.exists():
         log.info("%s: reading the cached tensors %s", title, cache_file)
-        return _read_cache(cache_file)
+        cached = _read_cache(cache_file)
+        if cached is not None:
+            return cached
 
     raw = source(root, download, **options)
-    _check_labels(raw, title)
+    _check_labels(raw, str(options.get("path", title)))
     preprocess = preprocess or _native_preprocess(raw, title)
     splits, val_source, test_source = _carve(raw, val_fraction, seed)
     tensors = {split: _to_split(_subsample(splits[split], limits[split], seed, split), preprocess,
@@ -217,15 +225,23 @@ def load_dataset(name: str, preprocess: Preprocess | None = None, *, root: str |
 
 
 def _resolve_source(name: str, options: dict) -> tuple[str, dict]:
-    """A registered name or, as a convenience, a path: *.npz, *.csv or an image-folder directory."""
+    """A registered name or, as a convenience, a path: *.npz, *.csv or an image-folder directory.
+
+    A name that looks like a path (a folder separator, a leading ~, or an existing file) is never
+    looked up in the registry, so a mistyped path says that it does not exist.
+    """
     if name in DATASETS:
         return name, options
     path = Path(name).expanduser()
     kind = {".npz": "npz", ".csv": "csv"}.get(path.suffix.lower()) or ("imagefolder" if path.is_dir() else None)
-    if kind is None:
+    if kind is not None:
+        return kind, {**options, "path": path}
+    if not ({"/", os.sep} & set(name) or name.startswith("~") or path.exists()):
         raise UnknownNameError(DATASETS.unknown_message(name)
                                + " A path to an .npz file, a .csv file or an image folder works too.")
-    return kind, {**options, "path": path}
+    _user_path(path, "dataset: an .npz file, a .csv file or an image folder")  # raises if missing
+    raise ValueError(f"{path} is neither an .npz file, a .csv file nor a folder; a dataset path must be "
+                     "one of these (see data/README.md)")
 
 
 def _check_options(name: str, source, options: dict) -> None:
@@ -239,15 +255,37 @@ def _check_options(name: str, source, options: dict) -> None:
 
 
 def _check_labels(raw: RawDataset, title: str) -> None:
+    """Labels index the class names, and every class has training images: a class seen only in
+    val/test could never be learnt, and integer labels with gaps (0, 5, 10) would otherwise
+    silently build a head with classes that have no data."""
+    num_classes = len(raw.class_names)
     for split in SPLITS:
         part = getattr(raw, split)
         if part is None:
             continue
         if len(part) == 0:
             raise ValueError(f"{title}: the {split} split has no images")
-        if part.labels.max() >= len(raw.class_names):
+        if part.labels.max() >= num_classes:
             raise ValueError(f"{title} {split}: label {part.labels.max()} but only "
-                             f"{len(raw.class_names)} class names; labels must be 0 .. {len(raw.class_names) - 1}")
+                             f"{num_classes} class names; labels must be 0 .. {num_classes - 1}")
+    counts = np.bincount(raw.train.labels, minlength=num_classes)
+    absent = np.flatnonzero(counts == 0)
+    if len(absent):
+        elsewhere = [split for split in ("val", "test")
+                     if getattr(raw, split) is not None and np.isin(getattr(raw, split).labels, absent).any()]
+        raise ValueError(
+            f"{title}: the training labels are {_labels(np.flatnonzero(counts), raw.class_names)}, so "
+            f"{len(absent)} of {num_classes} classes have no training images: labels "
+            f"{_labels(absent, raw.class_names)}"
+            f"{'; they occur in ' + ' and '.join(elsewhere) if elsewhere else ''}. Labels must be "
+            "0 .. K-1 with every class in train: remap them (np.unique(labels, return_inverse=True)), "
+            "or add training images of those classes")
+
+
+def _labels(classes: np.ndarray, class_names: list[str], most: int = 20) -> str:
+    """'0, 5, 10' for classes named by their label, '1 (cat), 2 (dog)' for named ones."""
+    named = [str(c) if class_names[c] == str(c) else f"{c} ({class_names[c]})" for c in classes[:most]]
+    return ", ".join(named) + (", ..." if len(classes) > most else "")
 
 
 def _native_preprocess(raw: RawDataset, title: str) -> Preprocess:
@@ -256,7 +294,7 @@ def _native_preprocess(raw: RawDataset, title: str) -> Preprocess:
     if isinstance(images, np.ndarray):
         size = min(images.shape[1:3])
     else:
-        with Image.open(images[0]) as first:
+        with _open_image(images[0]) as first:
             size = min(*first.size, MAX_DEFAULT_SIZE)
     log.info("%s: no preprocess given; using %d px, bilinear, mean = std = 0.5", title, size)
     return Preprocess(size, size, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -398,15 +436,22 @@ def _decode_files(files: list[Path], preprocess: Preprocess, desc: str) -> torch
 
 
 def _load_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
+    with _open_image(path) as image:
+        # JPEG only: decode at a reduced scale that is still >= the resize target, much faster
+        # on camera-size photos (ISIC); other formats ignore it.
+        image.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
+        image = image.convert("RGB")
+    return TF.pil_to_tensor(_resize_crop(image, preprocess))
+
+
+@contextmanager
+def _open_image(path: Path):
+    """Image.open whose failures, while opening or decoding inside the block, name the file."""
     try:
         with Image.open(path) as image:
-            # JPEG only: decode at a reduced scale that is still >= the resize target, much faster
-            # on camera-size photos (ISIC); other formats ignore it.
-            image.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
-            image = image.convert("RGB")
-    except OSError as err:
+            yield image
+    except (OSError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path} ({err}); remove or replace the file") from err
-    return TF.pil_to_tensor(_resize_crop(image, preprocess))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,28 +473,39 @@ def _cache_key(source: str, options: dict, preprocess: Preprocess | None, val_fr
 
 
 def _write_cache(dataset: ImageDataset, file: Path) -> None:
-    """Temporary file + rename, so an interrupted write never leaves a half cache behind."""
+    """Temporary file + rename, so an interrupted write never leaves a half cache behind. The cache
+    only saves time: a read-only or full disk costs a warning, not the data just loaded."""
     payload = {"name": dataset.name, "class_names": dataset.class_names,
                "preprocess": asdict(dataset.preprocess), "val_source": dataset.val_source,
                "test_source": dataset.test_source,
                **{split: vars(getattr(dataset, split)) for split in SPLITS}}  # vars: no deep copy
-    file.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-    os.close(handle)
+    tmp = None
     try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+        os.close(handle)
         torch.save(payload, tmp)
         os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        log.warning("could not write the cache %s (%s); the next load decodes the data again", file, err)
+        return
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # gone after os.replace; a leftover after a failure
     log.info("cached %s in %s", dataset.name, file)
 
 
-def _read_cache(file: Path) -> ImageDataset:
-    payload = torch.load(file, weights_only=True)
-    splits = {split: Split(**payload.pop(split)) for split in SPLITS}
-    preprocess = Preprocess(**payload.pop("preprocess"))
-    return ImageDataset(**payload, **splits, preprocess=preprocess)
+def _read_cache(file: Path) -> ImageDataset | None:
+    """The cached dataset, or None (and a warning) when the file is truncated or corrupt: the
+    caller then rebuilds it from the source and overwrites it."""
+    try:
+        payload = torch.load(file, weights_only=True)
+        splits = {split: Split(**payload.pop(split)) for split in SPLITS}
+        preprocess = Preprocess(**payload.pop("preprocess"))
+        return ImageDataset(**payload, **splits, preprocess=preprocess)
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file; all mean "rebuild"
+        log.warning("the cache file %s is unreadable (%s); rebuilding it from the source", file, type(err).__name__)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +546,18 @@ def _check_image_files(files: list[Path], where: str) -> None:
     if missing:
         raise ValueError(f"{where}: {len(missing)} image files do not exist ({', '.join(map(str, missing[:3]))}); "
                          "fix the paths or the folder")
+
+
+def _read_table(path: Path, expected: str) -> pd.DataFrame:
+    """A CSV file with at least one row; pandas' own errors (empty, binary, ragged) would not name it."""
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, OSError) as err:  # EmptyDataError, ParserError and UnicodeDecodeError are ValueErrors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable CSV table ({reason}); expected {expected}") from err
+    if table.empty:
+        raise ValueError(f"{path} has no rows; expected {expected}")
+    return table
 
 
 def _user_path(path, expected: str) -> Path:
@@ -681,10 +749,10 @@ def _isic2020(root: Path, download: bool) -> RawDataset:
             f"ISIC 2020 not found: expected {table_file} and the JPEGs in {folder / 'train'}. It has no "
             "automatic download: get the training JPEGs and the ground-truth CSV from "
             "https://challenge2020.isic-archive.com/ (see data/README.md).")
-    table = pd.read_csv(table_file)
+    expected = "the columns image_name and target (ISIC's ground truth)"
+    table = _read_table(table_file, expected)
     if not {"image_name", "target"} <= set(table.columns):
-        raise ValueError(f"{table_file} needs the columns image_name and target (ISIC's ground truth), "
-                         f"has {list(table.columns)}")
+        raise ValueError(f"{table_file} needs {expected}, has {list(table.columns)}")
     files = [image_dir / f"{name}.jpg" for name in table["image_name"]]
     _check_image_files(files, str(table_file))
     return RawDataset(["benign", "malignant"], RawSplit(files, table["target"].to_numpy(np.int64)))
@@ -713,6 +781,9 @@ def _folder_split(folder: Path, class_names: list[str]) -> RawSplit:
                      and not d.name.startswith("."))
     if unknown:
         raise ValueError(f"{folder} has class folders that train/ lacks: {unknown}; every class needs training images")
+    loose = sorted(f.name for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+    if loose:  # e.g. images meant for a class folder: say so rather than drop them silently
+        log.warning("%s: %d files outside the class folders are ignored (%s)", folder, len(loose), ", ".join(loose[:3]))
     files, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = folder / name
@@ -731,10 +802,10 @@ def _csv(root: Path, download: bool, path) -> RawDataset:
     """A table with columns path, label and optionally split (train/val/test); relative paths are
     resolved from the CSV's folder; labels may be names or numbers."""
     path = _user_path(path, "CSV file")
-    table = pd.read_csv(path)
+    expected = "path,label and optionally a split column (train/val/test), one row per image"
+    table = _read_table(path, expected)
     if not {"path", "label"} <= set(table.columns):
-        raise ValueError(f"{path} has columns {list(table.columns)}; expected path,label and optionally split "
-                         "(train/val/test), one row per image")
+        raise ValueError(f"{path} has columns {list(table.columns)}; expected {expected}")
     if table[["path", "label"]].isna().any(axis=None):
         raise ValueError(f"{path}: some rows have an empty path or label; fill or drop them")
     splits = (table["split"].astype(str).to_numpy() if "split" in table.columns
@@ -743,8 +814,11 @@ def _csv(root: Path, download: bool, path) -> RawDataset:
         raise ValueError(f"{path}: the split column must hold train, val or test (train required), "
                          f"got {sorted(set(splits))}")
     classes = sorted(table["label"].unique())
+    if pd.api.types.is_integer_dtype(table["label"]) and classes != list(range(len(classes))):
+        log.info("%s: numeric labels are class names; %s become class indices 0 .. %d in this order",
+                 path, ", ".join(map(str, classes)), len(classes) - 1)
     index = {c: i for i, c in enumerate(classes)}
-    files = [p if p.is_absolute() else path.parent / p for p in map(Path, table["path"])]
+    files = [p if p.is_absolute() else path.parent / p for p in map(Path, table["path"].astype(str))]
     _check_image_files(files, str(path))
     labels = table["label"].map(index).to_numpy(np.int64)
     parts = {split: RawSplit([files[i] for i in np.flatnonzero(splits == split)], labels[splits == split])
@@ -755,19 +829,39 @@ def _csv(root: Path, download: bool, path) -> RawDataset:
 @DATASETS.register("npz")
 def _npz(root: Path, download: bool, path) -> RawDataset:
     """MedMNIST layout: {train,val,test}_images and _labels (val and test optional: carved), and an
-    optional class_names array."""
+    optional class_names array. Integer labels are the class indices, so they must be 0 .. K-1."""
     path = _user_path(path, ".npz file")
-    with np.load(path) as arrays:
-        keys = set(arrays.files)
-        expected = "train_images, train_labels and optionally val_images/val_labels, test_images/test_labels"
-        parts = {}
-        for split in SPLITS:
-            pair = {f"{split}_images", f"{split}_labels"}
-            if len(pair & keys) == 1 or (split == "train" and not pair <= keys):
-                raise ValueError(f"{path} has keys {sorted(keys)}; expected {expected} (the MedMNIST layout)")
-            if pair <= keys:
-                parts[split] = _array_split(arrays[f"{split}_images"], arrays[f"{split}_labels"],
-                                            f"{path.name} {split}")
-        names = [str(n) for n in arrays["class_names"]] if "class_names" in keys else None
+    keys, arrays = _read_npz(path)
+    parts = {}
+    for split in SPLITS:
+        pair = {f"{split}_images", f"{split}_labels"}
+        if len(pair & keys) == 1 or (split == "train" and not pair <= keys):
+            raise ValueError(f"{path} has keys {sorted(keys)}; expected {NPZ_LAYOUT}")
+        if pair <= keys:
+            parts[split] = _array_split(arrays[f"{split}_images"], arrays[f"{split}_labels"],
+                                        f"{path.name} {split}")
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in keys else None
     num_classes = 1 + max((int(p.labels.max()) for p in parts.values() if len(p)), default=0)
     return RawDataset(names or [str(c) for c in range(num_classes)], **parts)
+
+
+def _read_npz(path: Path) -> tuple[set[str], dict[str, np.ndarray]]:
+    """(every key, the arrays of the MedMNIST keys). pickle stays off, since a data file must not run
+    code, so an object array is refused like a damaged file, without numpy's allow_pickle hint."""
+    what = f"{path} is not a valid numpy .npz archive of uint8 images and integer labels"
+    how = f"expected {NPZ_LAYOUT}, saved with np.savez(path, train_images=..., train_labels=...)"
+    try:
+        archive = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{what} (numpy cannot open it); {how}") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{what} (it holds a single .npy array); {how}")
+    with archive:
+        arrays = {}
+        for key in set(archive.files) & set(NPZ_KEYS):
+            try:
+                arrays[key] = archive[key]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                raise ValueError(f"{what}: its array {key!r} cannot be read (damaged, or an object array such "
+                                 f"as ragged lists or Python objects); {how}") from err
+        return set(archive.files), arrays

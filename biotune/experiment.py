@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import config as cfg
@@ -273,6 +274,7 @@ def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, ou
     figure = convergence(evaluations, generations, title=f"{run_id}: fitness = 1 - validation macro accuracy"
                          if config.ga.fitness == "acc" else f"{run_id}: fitness {config.ga.fitness}")
     figure.savefig(folder / "convergence.png", dpi=120)
+    plt.close(figure)  # a batch of searches in one process would otherwise keep every figure open
     summary = {"best_genes": outcome.best_genes, "best_fitness": outcome.best_fitness,
                "recipe": recipe_table(recipe), "trainable_share": recipe["trainable_share"],
                "evaluations": len(evaluations), "train_runs": int(evaluations["train_runs"].sum()),

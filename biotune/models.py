@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be had without a download."""
+class WeightsUnavailableError(FileNotFoundError):
+    """Pretrained weights were asked for but cannot be had without a download (a FileNotFoundError,
+    like data.DatasetNotFoundError, so the CLI prints the message on how to get them)."""
 
 
 @dataclass(frozen=True)
@@ -163,12 +165,12 @@ def create_model(
         source = "random"
     elif path is not None:
         source = f"file: {path}"
-        source += _load(arch, _read_state_dict(path), source)
+        source += _load(arch, _read_state_dict(path), source, name)
     elif arch.imagenet is None:
         source = f"random ({name} has no pretrained weights)"
     else:
         state, source = arch.imagenet(allow_download)
-        source += _load(arch, state, source)
+        source += _load(arch, state, source, name)
     log.info("created %s with %d classes, weights %s", name, num_classes, source)
     return PretrainedModel(name, arch.net, arch.blocks, arch.preprocess, source, num_classes, arch.head)
 
@@ -255,25 +257,38 @@ def _check_partition(name: str, net: nn.Module, blocks: list[Block]) -> None:
 # Loading state dicts
 
 
-def _read_state_dict(path: Path) -> StateDict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+_EXPECTED_WEIGHTS = (
+    "expected a state dict (a mapping of names to tensors) saved with "
+    "torch.save(model.state_dict(), path), or a .safetensors file"
+)
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+
+def _read_state_dict(path: Path) -> StateDict:
+    """A state dict from a torch.save or .safetensors file. weights_only: a checkpoint must not run
+    code, so a pickled whole model is refused like a damaged file, with what to save instead."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
+        raise ValueError(
+            f"weights file {path} cannot be read ({type(e).__name__}): it is not a checkpoint, or it "
+            f"is truncated, or it pickles a whole model; {_EXPECTED_WEIGHTS}"
+        ) from e
     for wrapper in ("state_dict", "model"):  # training checkpoints often nest the weights
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"{path} is not a state dict (a mapping of names to tensors, as saved by "
-            "torch.save(model.state_dict(), path))"
-        )
+        found = f"keys {list(state)[:5]}" if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"weights file {path} holds {found}, not a state dict; {_EXPECTED_WEIGHTS}")
     return state
 
 
-def _load(arch: _Arch, state: StateDict, source: str) -> str:
+def _load(arch: _Arch, state: StateDict, source: str, name: str) -> str:
     """Load `state` strictly; the head only if it fits. Returns a note on the head for `weights`."""
     state = arch.convert(dict(state))
     own = arch.net.state_dict()
@@ -284,15 +299,20 @@ def _load(arch: _Arch, state: StateDict, source: str) -> str:
     head_fits = all(k in state and state[k].shape == v.shape for k, v in own.items() if is_head(k))
     if not head_fits:
         state = {k: v for k, v in state.items() if not is_head(k)}
-    try:
-        missing, unexpected = arch.net.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"weights from {source} do not fit this model: {e}") from e
+    expected = f"expected the state dict of a {name} (the same architecture and widths)"
+    wrong = [f"{k} is {tuple(state[k].shape)}, not {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]  # fmt: skip
+    if wrong:  # checked here: load_state_dict would list every mismatch in one long message
+        raise ValueError(
+            f"weights from {source} do not fit {name}: {len(wrong)} tensors have other shapes "
+            f"({', '.join(wrong[:3])}); {expected}"
+        )
+    missing, unexpected = arch.net.load_state_dict(state, strict=False)
     missing = [k for k in missing if head_fits or not is_head(k)]
     if missing or unexpected:
         raise ValueError(
-            f"weights from {source} do not fit this model: {len(missing)} missing keys "
-            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+            f"weights from {source} do not fit {name}: {len(missing)} missing keys "
+            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}; {expected}"
         )
     if head_fits:
         return ""
@@ -370,7 +390,7 @@ def _lite_imagenet(name: str) -> Callable[[bool], tuple[StateDict, str]]:
                 "or pass a local state-dict file with --weights PATH"
             ) from e
         path = Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
-        return torch.load(path, map_location="cpu", weights_only=True), f"imagenet: {path}"
+        return _read_state_dict(path), f"imagenet: {path}"
 
     return load
 
@@ -423,7 +443,7 @@ def _torchvision_imagenet(name: str, weights) -> Callable[[bool], tuple[StateDic
         filename = os.path.basename(urlparse(weights.url).path)
         cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
         if cached.is_file():
-            return torch.load(cached, map_location="cpu", weights_only=True), f"imagenet: {cached}"
+            return _read_state_dict(cached), f"imagenet: {cached}"
         if allow_download:
             log.info("downloading %s to %s", weights.url, cached.parent)
             state = weights.get_state_dict(progress=True, check_hash=True)

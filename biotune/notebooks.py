@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 import papermill
-import yaml
+
+from .config import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,12 @@ def notebook_parameters(notebook: str | Path) -> dict:
     """Name -> {default, type, help} from the notebook's cell tagged ``parameters``."""
     notebook = Path(notebook)
     if not notebook.is_file():
-        raise PlanError(f"notebook {notebook} does not exist")
-    found = papermill.inspect_notebook(str(notebook))
+        raise PlanError(f"notebook {notebook} does not exist (a plan's notebook paths are relative to its folder)")
+    try:
+        found = papermill.inspect_notebook(str(notebook))
+    except Exception as err:  # noqa: BLE001 - nbformat fails with JSON, schema or type errors on a non-notebook
+        raise PlanError(f"{notebook} is not a readable Jupyter notebook ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}); expected an .ipynb file saved by Jupyter") from err
     if not found:
         raise PlanError(f"{notebook} has no cell tagged 'parameters'; papermill needs one to inject values")
     return {name: {"default": info["default"], "type": info["inferred_type_name"], "help": info["help"]}
@@ -69,14 +74,14 @@ def load_plan(path: str | Path, extra_parameters: dict | None = None, only: list
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"plan {path} does not exist; the shipped ones are notebooks/smoke.yaml, cpu.yaml, paper.yaml")
-    plan = yaml.safe_load(path.read_text()) or {}
+    plan = _read_yaml(path) or {}
     _check_keys(plan, PLAN_KEYS, f"plan {path}")
-    if not plan.get("runs"):
+    if not plan.get("runs") or not isinstance(plan["runs"], list):
         raise PlanError(f"plan {path} lists no runs; add a 'runs:' list of {{notebook: ..., parameters: ...}}")
     runs, problems = [], []
     for index, entry in enumerate(plan["runs"]):
         _check_keys(entry, RUN_KEYS, f"plan {path}, run {index + 1}")
-        if "notebook" not in entry:
+        if not isinstance(entry.get("notebook"), str):
             raise PlanError(f"plan {path}, run {index + 1}: needs a 'notebook:' path")
         notebook = (path.parent / entry["notebook"]).resolve()
         name = entry.get("name") or notebook.stem
@@ -99,6 +104,15 @@ def load_plan(path: str | Path, extra_parameters: dict | None = None, only: list
     if problems:
         raise PlanError(f"plan {path}:\n  " + "\n  ".join(problems))
     return plan.get("name") or path.stem, runs
+
+
+def _read_yaml(path: Path):
+    """The parsed plan; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise PlanError(f"plan {path} is not a text file ({err.reason}); a plan is a YAML file") from err
+    return load_yaml(text, f"plan {path}", PlanError)
 
 
 def _check_keys(mapping, allowed: set, where: str) -> None:

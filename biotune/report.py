@@ -78,7 +78,8 @@ def readable(table: pd.DataFrame) -> pd.DataFrame:
 
 
 SUMMARY_COLUMNS = ["run_id", "kind", "method", "variant", "dataset", "model", "preset", "setting", "seeds",
-                   "test_macro_acc", "test_macro_acc_std", "test_top1", "test_top1_std", "trainable_share",
+                   "test_macro_acc", "test_macro_acc_std", "test_top1", "test_top1_std", "val_macro_acc",
+                   "trainable_share",
                    "best_fitness", "evaluations", "search_seconds", "final_seconds", "seconds", "train_runs",
                    "device"]
 
@@ -96,7 +97,10 @@ def _summary_row(run: dict, finals: pd.DataFrame, evaluations: pd.DataFrame) -> 
         "test_macro_acc": ok["test_macro_acc"].mean(), "test_macro_acc_std": ok["test_macro_acc"].std(ddof=1),
         "test_top1": ok["test_top1"].mean(), "test_top1_std": ok["test_top1"].std(ddof=1),
         "trainable_share": chosen["trainable_share"].mean() if len(chosen) else None,
-        "best_fitness": evaluations["fitness"].min() if len(evaluations) else None,
+        "val_macro_acc": ok["val_macro_acc"].mean(),  # the final protocol's, beside its test score
+        # the search's pick: with ga.final_selection=rescore_top_k its mean over every fold, not the minimum seen
+        "best_fitness": (run["result"] or {}).get("best_fitness", evaluations["fitness"].min() if len(evaluations) else None)
+        if run["kind"] == "search" else None,
         "evaluations": len(evaluations), "search_seconds": search_seconds, "final_seconds": final_seconds,
         "seconds": search_seconds + final_seconds,
         "train_runs": int(evaluations["train_runs"].sum() + finals["train_runs"].sum()),

@@ -4,6 +4,7 @@ Offline and CPU only; every load uses a temporary root so no test reads or write
 """
 import bz2
 import gzip
+import io
 import logging
 import math
 
@@ -244,6 +245,23 @@ def test_unknown_names_and_options_list_the_choices(tmp_path):
         load_dataset("npz", root=tmp_path)
 
 
+@pytest.mark.parametrize("name", ["nope.npz", "nope.csv", "./missing_dir", "missing_dir/", "sub/missing"])
+def test_a_dataset_path_that_does_not_exist_says_so(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="does not exist") as err:
+        load_dataset(name, root=tmp_path)
+    assert name.strip("./") in str(err.value) and "unknown dataset" not in str(err.value)
+
+
+def test_a_name_without_a_separator_stays_a_registry_lookup_and_other_files_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnknownNameError, match="unknown dataset 'missing_dir'"):
+        load_dataset("missing_dir", root=tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt is neither an .npz file, a .csv file nor a folder"):
+        load_dataset("notes.txt", root=tmp_path)
+
+
 @pytest.mark.parametrize("kwargs", [{"val_fraction": 0}, {"val_fraction": 1.0}, {"max_train": 0}])
 def test_bad_split_parameters_fail_early(tmp_path, kwargs):
     with pytest.raises(ValueError):
@@ -303,6 +321,48 @@ def test_malformed_npz_says_what_is_expected(tmp_path, arrays, message):
         load_dataset("npz", root=tmp_path, path=tmp_path / "bad.npz")
 
 
+def truncated(path):
+    np.savez(path, train_images=np.zeros((30, 4, 4), np.uint8), train_labels=np.arange(30) % 3)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def single_npy(path):
+    np.save(path.with_suffix(".npy"), np.zeros(3))
+    path.with_suffix(".npy").rename(path)
+
+
+@pytest.mark.parametrize("write", [
+    lambda path: path.write_text("images,labels\n1,2\n"),  # a text file renamed .npz
+    truncated,
+    lambda path: np.savez(path, train_images=np.zeros((2, 4, 4), np.uint8),
+                          train_labels=np.array([[0], [1, 1]], dtype=object)),  # ragged: an object array
+    single_npy,
+], ids=["text", "truncated", "object_array", "single_npy"])
+def test_unreadable_npz_is_not_a_valid_archive_and_pickle_is_not_suggested(tmp_path, write):
+    path = tmp_path / "broken.npz"
+    write(path)
+    with pytest.raises(ValueError) as err:
+        load_dataset(path, root=tmp_path, cache=False)
+    message = str(err.value)
+    assert "broken.npz is not a valid numpy .npz archive of uint8 images and integer labels" in message
+    assert "train_images, train_labels" in message and "allow_pickle" not in message
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"train_labels": np.arange(30) % 3 * 5},
+     "training labels are 0, 5, 10, so 8 of 11 classes have no training images: labels 1, 2, 3, 4, 6, 7, 8, 9"),
+    ({"train_labels": np.arange(30) % 2, "test_images": np.zeros((9, 4, 4), np.uint8),
+      "test_labels": np.arange(9) % 3}, "1 of 3 classes have no training images: labels 2; they occur in test"),
+    ({"train_labels": np.arange(30) % 2, "class_names": np.array(["a", "b", "c"])},
+     r"labels 2 \(c\)"),
+])
+def test_classes_without_training_images_are_refused_not_padded(tmp_path, arrays, message):
+    np.savez(tmp_path / "gaps.npz", train_images=np.zeros((30, 4, 4), np.uint8), **arrays)
+    with pytest.raises(ValueError, match=message) as err:
+        load_dataset(tmp_path / "gaps.npz", root=tmp_path, cache=False)
+    assert "gaps.npz" in str(err.value) and "remap" in str(err.value)
+
+
 def test_imagefolder_flat_and_with_split_folders(tmp_path):
     for name, colour in (("cat", 0), ("dog", 255)):
         write_images(tmp_path / "flat" / name, 10, colour)
@@ -321,6 +381,13 @@ def test_imagefolder_flat_and_with_split_folders(tmp_path):
     assert split.val_source == split.test_source == "official"
 
 
+def png_bytes(size: int = 32) -> bytes:
+    """A noisy PNG (noise does not compress, so a cut lands in the pixel data, past the header)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def with_dog(extra: str, content: bytes):
     def build(root):
         write_images(root / "dog", 10, 255)
@@ -332,13 +399,31 @@ def with_dog(extra: str, content: bytes):
     (lambda root: None, "at least 2 classes"),
     (lambda root: (root / "dog").mkdir(), "has no images"),
     (with_dog("notes.txt", b"x"), "not images"),
-    (with_dog("broken.png", b"not a png"), "cannot read image"),
+    (with_dog("broken.png", b"not a png"), "cannot read image .*broken.png"),
+    (with_dog("cut.png", png_bytes()[:1500]), "cannot read image .*cut.png"),
 ])
 def test_malformed_imagefolder_says_how_to_fix_it(tmp_path, build, message):
     write_images(tmp_path / "tree" / "cat", 10, 0)
     build(tmp_path / "tree")
     with pytest.raises(ValueError, match=message):
         load_dataset("imagefolder", pp(8), root=tmp_path, path=tmp_path / "tree", cache=False)
+
+
+def test_an_unreadable_first_image_names_the_file_also_without_a_preprocess(tmp_path):
+    for name, colour in (("cat", 0), ("dog", 255)):
+        write_images(tmp_path / "tree" / name, 5, colour)
+    (tmp_path / "tree" / "cat" / "img0.png").write_bytes(b"not a png")  # sizes the native preprocess
+    with pytest.raises(ValueError, match="cannot read image .*img0.png"):
+        load_dataset(tmp_path / "tree", root=tmp_path, cache=False)
+
+
+def test_files_outside_the_class_folders_are_reported(tmp_path, caplog):
+    for name, colour in (("cat", 0), ("dog", 255)):
+        write_images(tmp_path / "tree" / name, 5, colour)
+    write_images(tmp_path / "tree", 1, 0)
+    with caplog.at_level(logging.WARNING, logger="biotune.data"):
+        load_dataset(tmp_path / "tree", pp(8), root=tmp_path, cache=False)
+    assert "1 files outside the class folders are ignored (img0.png)" in caplog.text
 
 
 def test_csv_with_relative_paths_and_a_split_column(tmp_path):
@@ -358,6 +443,8 @@ def test_csv_with_relative_paths_and_a_split_column(tmp_path):
     ({"file": ["a.png"], "label": [0]}, "expected path,label"),
     ({"path": ["missing.png", "x.png"], "label": [0, 1]}, "do not exist"),
     ({"path": ["a.png", "a.png"], "label": [0, 1], "split": ["train", "valid"]}, "must hold train, val or test"),
+    ({"path": ["a.png"] * 3, "label": ["x", "x", "y"], "split": ["train", "train", "test"]},
+     r"1 of 2 classes have no training images: labels 1 \(y\); they occur in test"),
 ])
 def test_malformed_csv_says_what_is_expected(tmp_path, table, message):
     write_images(tmp_path, 1, 0)  # img0.png
@@ -365,6 +452,27 @@ def test_malformed_csv_says_what_is_expected(tmp_path, table, message):
     pd.DataFrame(table).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match=message):
         load_dataset("csv", root=tmp_path, path=tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is not a readable CSV table"),
+    (png_bytes(), "is not a readable CSV table"),
+    (b"path,label,split\n", "has no rows"),
+], ids=["empty", "binary", "header_only"])
+def test_unreadable_csv_names_the_file_and_the_expected_columns(tmp_path, content, message):
+    (tmp_path / "bad.csv").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_dataset(tmp_path / "bad.csv", root=tmp_path)
+    assert "bad.csv" in str(err.value) and "expected path,label" in str(err.value)
+
+
+def test_csv_numeric_labels_are_class_names(tmp_path, caplog):
+    files = write_images(tmp_path / "images", 30, 0)
+    pd.DataFrame({"path": files, "label": [0, 5, 10] * 10}).to_csv(tmp_path / "labels.csv", index=False)
+    with caplog.at_level(logging.INFO, logger="biotune.data"):
+        ds = load_dataset(tmp_path / "labels.csv", pp(8), root=tmp_path, cache=False)
+    assert ds.class_names == ["0", "5", "10"] and ds.num_classes == 3
+    assert "0, 5, 10 become class indices 0 .. 2" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +493,33 @@ def test_second_load_reads_the_cache(tmp_path, caplog):
     assert second.summary() == first.summary()
     load_dataset("synthetic", pp(10), **options)  # another preprocess, another file
     assert len(list((tmp_path / "cache").glob("synthetic-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"garbage", lambda data: b""],
+                         ids=["truncated", "garbage", "empty"])
+def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    options = {"root": tmp_path, "num_train": 8, "num_val": 8, "num_test": 8}
+    fresh = load_dataset("synthetic", pp(8), **options)
+    (file,) = (tmp_path / "cache").glob("synthetic-*.pt")
+    file.write_bytes(damage(file.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="biotune.data"):
+        rebuilt = load_dataset("synthetic", pp(8), **options)
+    assert f"the cache file {file} is unreadable" in caplog.text
+    caplog.clear()
+    again = load_dataset("synthetic", pp(8), **options)  # the rebuilt file reads back
+    assert "unreadable" not in caplog.text and not list((tmp_path / "cache").glob("*.tmp"))
+    for loaded in (rebuilt, again):
+        assert loaded.summary() == fresh.summary()
+        for split in ("train", "val", "test"):
+            assert torch.equal(getattr(loaded, split).images, getattr(fresh, split).images)
+            assert torch.equal(getattr(loaded, split).labels, getattr(fresh, split).labels)
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning(tmp_path, caplog):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="biotune.data"):
+        ds = load_dataset("synthetic", pp(8), root=tmp_path, num_train=8, num_val=8, num_test=8)
+    assert len(ds.train) == 8 and "could not write the cache" in caplog.text
 
 
 def test_cache_follows_changes_to_a_user_file(tmp_path):

@@ -16,6 +16,7 @@ from torchvision import transforms as T
 
 from biotune.models import (
     Preprocess,
+    TinyCNN,
     WeightsUnavailableError,
     create_model,
     list_models,
@@ -230,6 +231,29 @@ def test_file_of_another_architecture_is_rejected(tmp_path):
         create_model("tiny_cnn", 10, weights=path)
 
 
+def truncated_checkpoint(path):
+    torch.save(TinyCNN(10).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("notes.pth", lambda path: path.write_text("not a checkpoint"), "cannot be read"),
+    ("cut.pth", truncated_checkpoint, "cannot be read"),
+    ("whole.pth", lambda path: torch.save(TinyCNN(10), path), "cannot be read"),  # a pickled module
+    ("bad.safetensors", lambda path: path.write_bytes(b"garbage"), "cannot be read"),
+    ("train.pt", lambda path: torch.save({"epoch": 3, "lr": 0.1}, path), r"holds keys \['epoch', 'lr'\]"),
+    ("narrow.pth", lambda path: torch.save(TinyCNN(10, width=8).state_dict(), path),
+     r"do not fit tiny_cnn: 15 tensors have other shapes \(stem.0.weight is \(8, 3, 3, 3\), not \(16, 3, 3, 3\)"),
+], ids=["text", "truncated", "whole_model", "safetensors", "not_a_state_dict", "wrong_shapes"])
+def test_a_file_that_is_not_a_checkpoint_for_this_model_names_itself(tmp_path, name, write, message):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ValueError, match=message) as error:
+        create_model("tiny_cnn", 10, weights=path)
+    assert str(path) in str(error.value)
+    assert "state dict" in str(error.value) and "weights_only" not in str(error.value)
+
+
 def test_densenet_file_with_torchvision_legacy_keys(tmp_path):
     source = create_model("densenet121", 1000, weights=None)
     # the 2017 file: "norm.1" for "norm1", and no BatchNorm num_batches_tracked
@@ -282,6 +306,7 @@ def test_torchvision_weights_offline_without_cache_explain_the_options(hub_dir):
 def test_timm_weights_need_download_permission():
     with pytest.raises(WeightsUnavailableError, match="allow_download=True"):
         create_model("resnet18", 10)
+    assert issubclass(WeightsUnavailableError, FileNotFoundError)  # the CLI prints it, no traceback
 
 
 def test_unknown_model_lists_choices():
@@ -295,5 +320,6 @@ def test_bad_num_classes():
 
 
 def test_missing_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="'imagenet', None"):
+    with pytest.raises(FileNotFoundError, match="'imagenet', None") as error:
         create_model("tiny_cnn", 10, weights=tmp_path / "nope.pth")
+    assert str(tmp_path / "nope.pth") in str(error.value)

@@ -107,6 +107,26 @@ def test_an_unknown_or_mistyped_parameter_is_rejected_before_anything_runs(tiny)
     assert not (tiny / "out").exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    ("name: t\nruns:\n  - notebook: [writes.ipynb\n    parameters: {x: 1}\n",
+     r"plan.yaml: invalid YAML at line 4, column 15: expected ',' or ']'"),
+    ("runs:\n  - notebook: writes.ipynb\n   always: true\n", r"plan.yaml: invalid YAML at line 3, column 4"),
+    ("- notebook: writes.ipynb\n", "plan .*plan.yaml must be a mapping with keys name, parameters, runs"),
+    ("runs: writes.ipynb\n", "lists no runs; add a 'runs:' list"),
+    ("runs:\n  - parameters: {x: 1}\n", "run 1: needs a 'notebook:' path"),
+    ("runs:\n  - notebook: 5\n", "run 1: needs a 'notebook:' path"),
+    ("runs:\n  - notebook: missing.ipynb\n", "missing.ipynb does not exist"),
+    ("runs:\n  - notebook: notes.ipynb\n", "notes.ipynb is not a readable Jupyter notebook"),
+    ("runs:\n  - notebook: writes.ipynb\n    parameters: {y: 2}\n", "unknown parameter 'y'"),
+], ids=["yaml_syntax", "yaml_indent", "not_a_mapping", "runs_not_a_list", "no_notebook", "notebook_not_a_path",
+        "unknown_notebook", "not_a_notebook", "unknown_parameter"])
+def test_a_malformed_plan_names_the_file_and_the_problem(tiny, text, message):
+    (tiny / "notes.ipynb").write_text("not json")
+    (tiny / "plan.yaml").write_text(text)
+    with pytest.raises(PlanError, match=message):
+        load_plan(tiny / "plan.yaml")
+
+
 def test_a_failing_notebook_is_reported_and_the_others_finish(tiny, monkeypatch):
     monkeypatch.chdir(tiny)
     runs = [{"notebook": "fails.ipynb"}, {"notebook": "writes.ipynb", "parameters": {"x": 7}}]
