@@ -1,62 +1,170 @@
-"""Speed benchmark behind ``biotune bench`` / ``make bench``.
+"""Speed benchmark behind ``biotune bench`` / ``make bench``: the levers of a fitness evaluation,
+measured side by side in one process on the same genomes, fold and seeds.
 
-Times fitness evaluations of a preset exactly as a search runs them (same data, folds, trainer and
-evaluator, a throw-away store): a full fine-tuning genome and a few seeded random genomes, all on
-fold 0, measured side by side in one process.
+Paths, each run for every genome (a full-fine-tuning genome and seeded random genomes, all on
+fold 0), interleaved genome by genome so a machine that slows down slows every path alike:
+- ``plain loop``: the anchor, a fine-tuning loop as a user writes it: PIL images through
+  per-sample torchvision transforms and a DataLoader, NCHW float32, the whole network run every
+  epoch; the same recipe (plan, Adam, cosine schedule, early stopping, frozen BatchNorm);
+- ``levers off``: the search's own Evaluator with ``train.channels_last`` and
+  ``train.prefix_cache`` off;
+- ``exact levers``: the Evaluator as a search runs it (the levers on; the prefix cache filled by
+  the genomes before, as in a search);
+- ``pruning``: the exact levers plus ``ga.prune`` with a warm-up of one run, so every genome
+  after the first may be pruned against the ones before it (a search warms up on
+  ``ga.prune_warmup`` runs).
 """
 from __future__ import annotations
 
+import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from sklearn.metrics import balanced_accuracy_score
 
 from . import config as cfg
 from .data import make_folds
 from .experiment import load_inputs
 from .fitness import Evaluator
 from .ga import random_genome
-from .genome import encode, num_genes
+from .genome import decode, encode, num_genes
 from .methods import get_method
 from .store import RunStore
+from .train import cosine_factor, fresh_net, plan_param_groups, resolve_device, set_learning_rates, set_train_mode
+
+PATHS = ("plain loop", "levers off", "exact levers", "pruning")
+LEVERS = {"levers off": {"train.channels_last": False, "train.prefix_cache": False},
+          "exact levers": {}, "pruning": {"ga.prune": True, "ga.prune_warmup": 1}}
 
 
 def run_bench(preset: str = "cpu", evaluations: int = 3, overrides: list[str] | None = None,
-              seed: int = 0) -> pd.DataFrame:
-    config = cfg.resolve(preset, overrides=overrides)
-    config.ga.cache = False
-    started = time.perf_counter()
+              seed: int = 0, json_file: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """One row per genome and path, and the summary of ratios (also written to ``json_file``)."""
+    config = cfg.resolve(preset, overrides=[*(overrides or []), "ga.cache=false"])
     model, dataset = load_inputs(config)
-    load_seconds = time.perf_counter() - started
     folds = make_folds(dataset.train.labels, dataset.val.labels, config.ga.train_split, seed=config.data.split_seed)
     blocks = [b.name for b in model.blocks]
-    full = encode(get_method("full").plan(model), config.ga.encoding)
     rng = random.Random(seed)
-    genomes = [("full fine-tuning", full)] + [
+    genomes = [("full fine-tuning", encode(get_method("full").plan(model), config.ga.encoding))] + [
         (f"random genome {i + 1}", random_genome(num_genes(len(blocks), config.ga.encoding), len(blocks),
                                                  config.ga.encoding, rng)) for i in range(evaluations)]
     rows = []
-    with tempfile.TemporaryDirectory() as folder, RunStore(Path(folder) / "bench.sqlite") as store:
-        store.create_run("bench", kind="search", method="biotune", config=config.to_dict(), meta={})
-        evaluator = Evaluator(model=model, dataset=dataset, folds=folds, config=config, store=store,
-                              run_id="bench", progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        evaluators = {path: _evaluator(config, changes, model, dataset, folds, Path(folder) / f"{index}.sqlite")
+                      for index, (path, changes) in enumerate(LEVERS.items())}
         for label, genes in genomes:
-            evaluator(genes, fold=0, generation=0, individual=len(rows), role="trial")
-            row = store.evaluation("bench", evaluator.seq - 1)
-            images = sum(s["train_images"] for s in row["per_seed"])
-            train_seconds = sum(s["seconds"] for s in row["per_seed"])
-            rows.append({"evaluation": label, "trained_blocks": sum(row["trained"]),
-                         "epochs": sum(s["epochs"] for s in row["per_seed"]), "seconds": round(row["seconds"], 2),
-                         "train_images": images, "images_per_s": round(images / train_seconds, 1),
-                         "val_macro_acc": round(row["val_macro_acc"], 4)})
-    table = pd.DataFrame(rows)
-    summary = {"evaluation": f"mean ({preset}, {config.model.name}, {config.data.image_size or 'native'} px, "
-                             f"{len(folds[0].train_idx)} train images, device {config.train.device})",
-               "seconds": round(table["seconds"].mean(), 2),
-               "train_images": int(table["train_images"].sum()),
-               "images_per_s": round(table["train_images"].sum() / table["seconds"].sum(), 1)}
-    table = pd.concat([table, pd.DataFrame([summary])], ignore_index=True)
-    table.attrs["load_seconds"] = load_seconds
-    return table
+            plan = decode(genes, blocks, config.ga.encoding)
+            rows.append({"path": PATHS[0], "genome": label, **_plain_loop(model, dataset, plan, config.train, folds[0])})
+            for path, evaluator in evaluators.items():
+                rows.append({"path": path, "genome": label, **_evaluate(evaluator, genes)})
+        for evaluator in evaluators.values():
+            evaluator.store.close()
+    table = pd.DataFrame(rows).assign(trained_blocks=lambda t: t["genome"].map(
+        {label: sum(decode(genes, blocks, config.ga.encoding).trained_mask()) for label, genes in genomes}))
+    summary = _summary(table, config, len(folds[0].train_idx))
+    if json_file is not None:
+        Path(json_file).write_text(json.dumps({"summary": summary, "rows": table.to_dict("records")}, indent=2))
+    return table, summary
+
+
+def _evaluator(config: cfg.Config, changes: dict, model, dataset, folds, store_path: Path) -> Evaluator:
+    path_config = cfg.from_dict(config.to_dict())
+    cfg.merge(path_config, cfg.parse_overrides(changes), "bench")
+    store = RunStore(store_path)
+    store.create_run("bench", kind="search", method="biotune", config=path_config.to_dict(), meta={})
+    return Evaluator(model=model, dataset=dataset, folds=folds, config=path_config, store=store, run_id="bench",
+                     progress=False)
+
+
+def _evaluate(evaluator: Evaluator, genes) -> dict:
+    evaluator(genes, fold=0, generation=0, individual=evaluator.seq, role="trial")
+    row = evaluator.store.evaluation("bench", evaluator.seq - 1)
+    return {"status": row["status"], "prefix_cache": row["prefix_cache"], "seconds": row["seconds"],
+            "epochs": sum(s["epochs"] for s in row["per_seed"]),
+            "train_images": sum(s["train_images"] for s in row["per_seed"]), "val_macro_acc": row["val_macro_acc"]}
+
+
+def _plain_loop(model, dataset, plan, train_cfg: cfg.TrainConfig, fold) -> dict:
+    """Each seed trained by the anchor loop: per-sample PIL -> tensor -> normalise in a DataLoader,
+    NCHW, every block run forward each step; same recipe as the trainer."""
+    started, device = time.perf_counter(), resolve_device(train_cfg.device)
+    preprocess = dataset.preprocess
+    transform = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preprocess.mean, preprocess.std)])
+
+    def loader(split, index, shuffle: bool, batch_size: int, seed: int = 0):
+        images = [T.functional.to_pil_image(image) for image in split.images[torch.as_tensor(index)]]
+        labels = split.labels[torch.as_tensor(index)].tolist()
+        samples = [(image, label) for image, label in zip(images, labels)]
+        return torch.utils.data.DataLoader(_Transformed(samples, transform), batch_size=batch_size, shuffle=shuffle,
+                                           generator=torch.Generator().manual_seed(seed))
+
+    per_seed, images_seen, epochs_run = [], 0, 0
+    for seed in train_cfg.seeds:
+        net = fresh_net(model, seed).to(device)
+        frozen = [net.get_submodule(m) for name in plan.frozen for m in model.block(name).modules]
+        optimizer = torch.optim.Adam(plan_param_groups(net, model.blocks, plan, train_cfg.base_lr),
+                                     lr=train_cfg.base_lr, weight_decay=train_cfg.weight_decay)
+        train_loader = loader(dataset.train, fold.train_idx, True, train_cfg.batch_size, seed)
+        val_loader = loader(dataset.val, fold.val_idx, False, train_cfg.eval_batch_size)
+        best, waited = -1.0, 0
+        for epoch in range(train_cfg.max_epochs):
+            set_train_mode(net, frozen, train_cfg.frozen_bn)
+            set_learning_rates(optimizer, train_cfg.base_lr * cosine_factor(epoch, train_cfg.cosine_t_max))
+            for images, labels in train_loader:
+                loss = F.cross_entropy(net(images.to(device)), labels.to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                images_seen += len(labels)
+            net.eval()
+            with torch.no_grad():
+                predicted = torch.cat([net(images.to(device)).argmax(1).cpu() for images, _ in val_loader])
+            truth = torch.cat([labels for _, labels in val_loader])
+            macro = balanced_accuracy_score(truth.numpy(), predicted.numpy())
+            epochs_run += 1
+            best, waited = (macro, 0) if macro > best + train_cfg.min_delta else (best, waited + 1)
+            if waited >= train_cfg.patience:
+                break
+        per_seed.append(best)
+    return {"status": "ok", "prefix_cache": None, "seconds": time.perf_counter() - started, "epochs": epochs_run,
+            "train_images": images_seen, "val_macro_acc": statistics.fmean(per_seed)}
+
+
+class _Transformed(torch.utils.data.Dataset):
+    def __init__(self, samples: list, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        image, label = self.samples[index]
+        return self.transform(image), label
+
+
+def _summary(table: pd.DataFrame, config: cfg.Config, train_images: int) -> dict:
+    """Mean seconds per evaluation and images per second per path, and the ratios that matter."""
+    per_path = table.groupby("path", sort=False).agg(seconds=("seconds", "mean"), train_images=("train_images", "sum"),
+                                                     total=("seconds", "sum"), val=("val_macro_acc", "mean"))
+    seconds = per_path["seconds"].to_dict()
+    accuracy = table.pivot(index="genome", columns="path", values="val_macro_acc")
+    return {
+        "preset": config.preset, "model": config.model.name, "image_size": config.data.image_size,
+        "train_images_per_fold": train_images, "device": str(resolve_device(config.train.device)),
+        "threads": torch.get_num_threads(), "genomes": int(table["genome"].nunique()),
+        "seconds_per_evaluation": {path: round(value, 2) for path, value in seconds.items()},
+        "images_per_second": {path: round(row.train_images / row.total, 1) for path, row in per_path.iterrows()},
+        "speedup_vs_plain_loop": round(seconds["plain loop"] / seconds["exact levers"], 2),
+        "speedup_vs_levers_off": round(seconds["levers off"] / seconds["exact levers"], 2),
+        "max_abs_val_macro_acc_diff": round(float((accuracy["exact levers"] - accuracy["levers off"]).abs().max()), 4),
+        "pruning_speedup_vs_plain_loop": round(seconds["plain loop"] / seconds["pruning"], 2),
+        "pruning_max_abs_val_macro_acc_diff": round(float((accuracy["pruning"] - accuracy["levers off"]).abs().max()), 4),
+        "pruned": int((table["status"] == "pruned").sum()),
+    }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -84,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="demo", choices=PRESETS)
     demo.add_argument("--quiet", action="store_true")
 
-    bench = sub.add_parser("bench", help="seconds per fitness evaluation and training images per second")
+    bench = sub.add_parser("bench", help="seconds per fitness evaluation: a plain PyTorch loop, the levers off, "
+                                         "the exact levers, pruning, side by side")
     bench.add_argument("--preset", default="cpu", choices=PRESETS)
-    bench.add_argument("--evaluations", type=int, default=3)
+    bench.add_argument("--evaluations", type=int, default=3, help="random genomes besides full fine-tuning")
+    bench.add_argument("--json", metavar="FILE", help="also write every row and the summary of ratios here")
 
     notebooks = sub.add_parser("notebooks", help="run a plan of notebooks through papermill")
     notebook_commands = notebooks.add_subparsers(dest="notebooks_command", required=True)
@@ -177,7 +180,12 @@ def _run(args, overrides: list[str]) -> int:
     elif args.command == "bench":
         from .bench import run_bench
 
-        _print_table(run_bench(preset=args.preset, evaluations=args.evaluations, overrides=overrides))
+        if args.evaluations < 0:
+            raise cfg.ConfigError(f"--evaluations must be >= 0, got {args.evaluations}")
+        table, summary = run_bench(preset=args.preset, evaluations=args.evaluations, overrides=overrides,
+                                   json_file=args.json)
+        _print_table(table.round({"seconds": 2, "val_macro_acc": 4}))
+        print(json.dumps(summary, indent=2))
     return 0
 
 

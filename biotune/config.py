@@ -74,6 +74,10 @@ class TrainConfig:
     device: Device = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
     amp: Flag = True  # bfloat16 autocast on CUDA (ignored on CPU)
     num_threads: Count | None = None  # torch CPU threads (None: torch's default)
+    # Exact speed levers (same math, float rounding aside); off only to measure them (biotune bench)
+    channels_last: Flag = True  # NHWC tensors: 2.3x faster for Lite0 on this CPU, cuDNN's preferred
+    prefix_cache: Flag = True  # fitness runs reuse the activations of a frozen leading prefix per fold
+    prefix_cache_mb: Count = 2048  # memory those activations may take (least recently used evicted)
 
 
 @dataclass
@@ -96,6 +100,12 @@ class GAConfig:
     # genomes, re-evaluated at the end (their cost is counted as evaluations of the run).
     final_selection: FinalSelection = "best_so_far"
     rescore_k: Count = 3
+    # Approximate lever, off by default (optuna's PercentilePruner): after prune_warmup finished
+    # training runs on a fold, a run whose best validation macro accuracy after an epoch is below
+    # the prune_percentile-th best of those runs at that epoch stops, recorded as "pruned".
+    prune: Flag = False
+    prune_percentile: Annotated[float, Strict(), Field(gt=0, lt=100)] = 50.0  # 50: the median pruner
+    prune_warmup: Annotated[int, Strict(), Field(ge=0)] = 4
 
 
 @dataclass

@@ -280,6 +280,8 @@ def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, ou
                "evaluations": len(evaluations), "train_runs": int(evaluations["train_runs"].sum()),
                "cache_hits": int(evaluations["cache_hit"].sum()),
                "failed": int((evaluations["status"] == "diverged").sum()),
+               "pruned": int((evaluations["status"] == "pruned").sum()),
+               "prefix_cache_hits": int((evaluations["prefix_cache"] == "hit").sum()),
                "seconds": float(evaluations["seconds"].sum()), "generations": outcome.logbook,
                "final_selection": config.ga.final_selection, "rescored": outcome.selection}
     store.set_status(run_id, "finished", summary)

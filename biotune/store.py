@@ -42,12 +42,13 @@ CREATE TABLE IF NOT EXISTS evaluations (
     genes       TEXT NOT NULL,          -- JSON list
     trained     TEXT NOT NULL,          -- JSON 0/1 mask per block
     multipliers TEXT NOT NULL,          -- JSON block -> lr multiplier (trained blocks)
-    status      TEXT NOT NULL,          -- ok | diverged | no_trained_block
+    status      TEXT NOT NULL,          -- ok | diverged | pruned | no_trained_block
     fitness     REAL NOT NULL,
     val_macro_acc REAL, val_top1 REAL, val_loss REAL,  -- means over seeds
     per_seed    TEXT NOT NULL,          -- JSON list: seed, metrics, epochs, seconds, status
     train_runs  INTEGER NOT NULL,       -- training runs spent (0 for a cache hit)
     cache_hit   INTEGER NOT NULL,
+    prefix_cache TEXT NOT NULL DEFAULT 'n/a',  -- frozen-prefix activations: hit | miss | n/a
     seconds     REAL NOT NULL,
     finished_at REAL NOT NULL,
     PRIMARY KEY (run_id, seq)
@@ -108,6 +109,7 @@ class RunStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            _add_missing_columns(self.db)
             problems = [row[0] for row in self.db.execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as error:
             problems = [str(error)]
@@ -264,6 +266,14 @@ class RunStore:
                 frame.to_csv(path, index=False)
                 written.append(path)
         return written
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Columns added since a store was created (CREATE TABLE IF NOT EXISTS keeps old tables as they were)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(evaluations)")}
+    if "prefix_cache" not in columns:
+        with db:
+            db.execute("ALTER TABLE evaluations ADD COLUMN prefix_cache TEXT NOT NULL DEFAULT 'n/a'")
 
 
 def _comparable(config: dict) -> dict:

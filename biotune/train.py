@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ AUX_LOSS_WEIGHT = 0.4  # Inception-v3's auxiliary classifier, as in torchvision'
 
 @dataclass
 class TrainResult:
-    status: str  # "ok" | "diverged"
+    status: str  # "ok" | "diverged" | "pruned" (stopped by ``stop_early``; val is the best it reached)
     best_epoch: int  # 0-based; -1 when no epoch finished
     epochs: int  # epochs run
     val: dict  # validation metrics at the best epoch: macro_acc, top1, loss
@@ -118,95 +119,118 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, base_lr: float) -> None
         group["lr"] = base_lr * group.get("lr_scale", 1.0)
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           enabled=amp and device.type == "cuda")
 
 
-def _resident(split, index: torch.Tensor, device: torch.device):
-    """The indexed images and labels, moved once to a CUDA device when they fit comfortably.
+def memory_format(channels_last: bool):
+    """NHWC is 2.3x faster than NCHW for EfficientNet-Lite0 training on a 2-core AVX-512 CPU
+    (README, Benchmarks) and what cuDNN prefers; ``train.channels_last=false`` turns it off."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@dataclass
+class Part:
+    """The inputs of one part of a split: what the network is fed (uint8 images, normalised per
+    batch, or activations a prefix cache computed), labels, and the positions to take, in order."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    order: torch.Tensor
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+
+    def batches(self, order: torch.Tensor, batch_size: int, device: torch.device, fmt):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = self.normalize(self.inputs[chunk].to(device, non_blocking=True))
+            if batch.dim() == 4:  # images or feature maps; a cached prefix may also end in pooled vectors
+                batch = batch.contiguous(memory_format=fmt)
+            yield batch, self.labels[chunk].to(device, non_blocking=True)
+
+
+def image_part(dataset, split_name: str, index, device: torch.device) -> Part:
+    """A split's indexed images, moved once to a CUDA device when they fit comfortably.
 
     Batches are then gathered on the GPU instead of copied from host memory every step; on the
     CPU, or when the uint8 images would take over half the free GPU memory, they stay where
     they are and each batch is copied on its own.
     """
+    split = getattr(dataset, split_name)
+    index = torch.arange(len(split.labels)) if index is None else torch.as_tensor(index)
     if device.type == "cuda":
         needed = split.images[0].numel() * len(index)
         free, _ = torch.cuda.mem_get_info(device)
         if needed < free / 2:
-            return (split.images[index].to(device), split.labels[index].to(device),
-                    torch.arange(len(index), device=device))
-    return split.images, split.labels, index
-
-
-def _batches(images, labels, index: torch.Tensor, batch_size: int, dataset, device, memory_format):
-    for start in range(0, len(index), batch_size):
-        chunk = index[start:start + batch_size]
-        batch = images[chunk].to(device, non_blocking=True)
-        batch = dataset.normalize(batch).contiguous(memory_format=memory_format)
-        yield batch, labels[chunk].to(device, non_blocking=True)
-
-
-def _prepared(dataset, split_name: str, index, device: torch.device) -> tuple:
-    """(images, labels, order) of a split's indexed part, ready for batches on ``device``."""
-    split = getattr(dataset, split_name)
-    index = torch.arange(len(split.labels)) if index is None else torch.as_tensor(index)
-    return _resident(split, index, device)
+            return Part(split.images[index].to(device), split.labels[index].to(device),
+                        torch.arange(len(index), device=device), dataset.normalize)
+    return Part(split.images, split.labels, index, dataset.normalize)
 
 
 def evaluate(net, dataset, split_name: str, index=None, *, batch_size: int = 256,
-             device: torch.device | None = None, amp: bool = True) -> dict:
+             device: torch.device | None = None, amp: bool = True, channels_last: bool = True) -> dict:
     """Macro accuracy (mean per-class recall, the paper's accuracy), top-1 and mean loss."""
     device = device or next(net.parameters()).device
-    return _score(net, dataset, _prepared(dataset, split_name, index, device), batch_size, device, amp)
+    return score(net, image_part(dataset, split_name, index, device), batch_size, device, amp,
+                 memory_format(channels_last))
 
 
 @torch.no_grad()
-def _score(net, dataset, prepared: tuple, batch_size: int, device: torch.device, amp: bool) -> dict:
-    images, labels, order = prepared
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+def score(net, part: Part, batch_size: int, device: torch.device, amp: bool, fmt) -> dict:
     net.eval()
     predictions, loss_sum = [], torch.zeros((), device=device)
-    for batch, batch_labels in _batches(images, labels, order, batch_size, dataset, device, memory_format):
-        with _autocast(device, amp):
+    for batch, batch_labels in part.batches(part.order, batch_size, device, fmt):
+        with autocast(device, amp):
             logits = net(batch)
         loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum")
         predictions.append(logits.argmax(1))
     predicted = torch.cat(predictions).cpu().numpy()
-    truth = labels[order].cpu().numpy()
+    truth = part.labels[part.order].cpu().numpy()
     return {
         "macro_acc": float(balanced_accuracy_score(truth, predicted)),
         "top1": float((predicted == truth).mean()),
-        "loss": loss_sum.item() / max(1, len(order)),
+        "loss": loss_sum.item() / max(1, len(part.order)),
     }
 
 
 def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, method=None, start_from=None,
-          train_idx=None, val_idx=None, keep_net: bool = False, progress: bool = True) -> TrainResult:
+          train_idx=None, val_idx=None, keep_net: bool = False, progress: bool = True, prefix=None,
+          stop_early: Callable[[int, float], bool] | None = None) -> TrainResult:
     """Fine-tune a fresh copy of ``model`` (or of ``start_from``) per ``plan``; return the
     best-validation result. ``method`` (a ``biotune.methods.Method``) hooks in its own network
-    wrapping, param groups, loss penalty and per-epoch optimizer; None is plain training."""
+    wrapping, param groups, loss penalty and per-epoch optimizer; None is plain training.
+
+    Two hooks serve the fitness evaluations of a search (``fitness.Evaluator``): ``prefix``
+    supplies the activations entering the first block the network computes, in place of the
+    images, and cuts the blocks before it from the network (``prefix_cache.CachedPrefix``);
+    ``stop_early(epoch, best validation macro accuracy so far)`` may end a run after any epoch,
+    which is then recorded as "pruned" with the best result it reached.
+    """
     from .methods import Method
 
     if plan.is_empty:
         raise ValueError("the plan trains no block; a genome with no trained block is not trained "
                          "(its fitness is the worst value)")
+    if prefix is not None and (keep_net or start_from is not None or method is not None):
+        raise ValueError("a cached prefix serves plain fitness runs only (no method, start or kept network)")
     method = method or Method()
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     started = time.perf_counter()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    fmt = memory_format(cfg.channels_last)
     net = fresh_net(model, seed) if start_from is None else copy.deepcopy(start_from)
     modules = dict(net.named_modules())
     frozen = [modules[name] for name in method.frozen_modules(model, plan)]
-    net = method.prepare(net, model).to(device, memory_format=memory_format)
+    net = method.prepare(net, model).to(device, memory_format=fmt)
     groups = method.param_groups(net, model, plan, cfg.base_lr)
     optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
     order = torch.Generator().manual_seed(seed)
-    train_idx = torch.arange(len(dataset.train.labels)) if train_idx is None else torch.as_tensor(train_idx)
-    images, labels, positions = _resident(dataset.train, train_idx, device)
-    validation = _prepared(dataset, "val", val_idx, device)  # once per run, not once per epoch
+    if prefix is None:
+        training, validation = image_part(dataset, "train", train_idx, device), image_part(dataset, "val", val_idx, device)
+    else:
+        net = prefix.attach(net)
+        training, validation = prefix.train, prefix.val
     trainable = sum(p.numel() for g in groups for p in g["params"])
 
     result = TrainResult(status="ok", best_epoch=-1, epochs=0, val={}, trainable_params=trainable)
@@ -214,16 +238,14 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
     epochs = tqdm(range(cfg.max_epochs), desc="epochs", leave=False, disable=not progress)
     for epoch in epochs:
         set_train_mode(net, frozen, cfg.frozen_bn)
-        shuffled = positions[torch.randperm(len(train_idx), generator=order).to(positions.device)]
-
-        epoch_batches = functools.partial(_batches, images, labels, shuffled, cfg.batch_size, dataset, device,
-                                          memory_format)
+        shuffled = training.order[torch.randperm(len(training.order), generator=order).to(training.order.device)]
+        epoch_batches = functools.partial(training.batches, shuffled, cfg.batch_size, device, fmt)
         optimizer = method.on_epoch_start(epoch, net, optimizer, epoch_batches)
         base_lr_now = cfg.base_lr * cosine_factor(epoch, cfg.cosine_t_max)
         set_learning_rates(optimizer, base_lr_now)
         loss_sum = torch.zeros((), device=device)
         for batch, batch_labels in epoch_batches():
-            with _autocast(device, cfg.amp):
+            with autocast(device, cfg.amp):
                 _, loss = _logits_and_loss(net, batch, batch_labels)
             penalty = method.penalty(net)  # in full precision: small weight differences matter
             if penalty is not None:
@@ -234,13 +256,13 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
             loss_sum += loss.detach() * len(batch_labels)
             result.train_images += len(batch_labels)
         # one host sync per epoch: a non-finite loss anywhere in it makes the sum non-finite
-        train_loss = loss_sum.item() / len(train_idx)
+        train_loss = loss_sum.item() / len(training.order)
         if not math.isfinite(train_loss):
             log.warning("training loss became %s in epoch %d (seed %d): run recorded as diverged",
                         train_loss, epoch, seed)
             result.status = "diverged"
             break
-        val = _score(net, dataset, validation, cfg.eval_batch_size, device, cfg.amp)
+        val = score(net, validation, cfg.eval_batch_size, device, cfg.amp, fmt)
         if not math.isfinite(val["loss"]):
             result.status = "diverged"
             break
@@ -255,6 +277,9 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
             waited += 1
             if waited >= cfg.patience:
                 break
+        if stop_early is not None and epoch + 1 < cfg.max_epochs and stop_early(epoch, max(best_score, val["macro_acc"])):
+            result.status = "pruned"
+            break
     epochs.close()
     if best_state is not None:
         net.load_state_dict(best_state)

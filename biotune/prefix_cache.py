@@ -1,0 +1,207 @@
+"""Frozen-prefix activations, computed once per fold and shared by every genome that freezes them.
+
+A genome that freezes blocks 0..k-1 feeds every training image through them unchanged in every
+epoch, every validation pass and for every seed: with their BatchNorm layers in eval mode
+(``train.frozen_bn = "eval"``), no augmentation and nothing stochastic in them, those blocks are
+a fixed function of the image. So the activations entering block k are computed once per fold
+(in the dtype and memory format the training forward uses), kept within a memory budget
+(``train.prefix_cache_mb``, least recently used evicted first), and every run that freezes the
+same prefix on the same fold trains a network whose first k blocks are cut away, fed those
+activations. The math is the same; the fitness differs only by float rounding (convolutions
+over other batch compositions).
+
+The cut is found by running the network: the modules that start before block k's first module
+(blocks 0..k-1 and parameter-free layers between them, such as ResNet's stem ReLU and max-pool)
+are replaced by ``nn.Identity``. Where that would not be exact (a functional operation before
+block k, a stochastic layer in the prefix), the cache says so: the cut network is checked once
+per prefix against the whole network on a few images, and a prefix that fails the check, or
+holds a dropout layer, is reported "not applicable" and trained the ordinary way.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .train import Part, autocast, image_part, memory_format
+
+log = logging.getLogger(__name__)
+
+HIT, MISS, NOT_APPLICABLE = "hit", "miss", "n/a"
+STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+class _Cut(Exception):
+    """Raised by the hook on block k's first module: the prefix's output is known, stop there."""
+
+    def __init__(self, activations: torch.Tensor):
+        self.activations = activations
+
+
+@dataclass
+class CachedPrefix:
+    """What the trainer needs to start at block ``start``: the fold's activations entering it,
+    and the cut that removes blocks 0..start-1 from a network."""
+
+    start: int
+    skipped: tuple[str, ...]  # modules replaced by nn.Identity
+    train: Part
+    val: Part
+
+    def attach(self, net: nn.Module) -> nn.Module:
+        return cut_network(net, self.skipped)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.inputs.numel() * p.inputs.element_size() for p in (self.train, self.val))
+
+
+def cut_network(net: nn.Module, skipped: tuple[str, ...]) -> nn.Module:
+    """``net`` with the ``skipped`` modules replaced by nn.Identity (in place)."""
+    for name in skipped:
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, nn.Identity())
+    return net
+
+
+def frozen_prefix(plan, block_names) -> int:
+    """How many leading blocks the plan freezes."""
+    count = 0
+    while count < len(block_names) and block_names[count] not in plan.multipliers:
+        count += 1
+    return count
+
+
+class PrefixCache:
+    """Activations entering block k, per (fold, k), for one model, dataset and training config."""
+
+    def __init__(self, model, dataset, folds, cfg):
+        from .train import resolve_device
+
+        self.model, self.dataset, self.folds, self.cfg = model, dataset, folds, cfg
+        self.device = resolve_device(cfg.device)
+        self.fmt = memory_format(cfg.channels_last)
+        self.budget = cfg.prefix_cache_mb * 2**20
+        self.entries: OrderedDict[tuple[int, int], CachedPrefix] = OrderedDict()
+        self.cuts: dict[int, tuple[str, ...] | None] = {}  # k -> modules to skip, None: not exact
+        self.enabled = cfg.prefix_cache and cfg.frozen_bn == "eval"
+
+    def get(self, plan, fold: int) -> tuple[CachedPrefix | None, str]:
+        """The cached prefix for this plan on this fold (or None) and hit / miss / n/a."""
+        k = frozen_prefix(plan, [b.name for b in self.model.blocks])
+        if not self.enabled or k == 0:
+            return None, NOT_APPLICABLE
+        if (fold, k) in self.entries:
+            self.entries.move_to_end((fold, k))
+            return self.entries[(fold, k)], HIT
+        skipped = self._cut(k)
+        if skipped is None:
+            return None, NOT_APPLICABLE
+        entry = CachedPrefix(k, skipped, self._part("train", self.folds[fold].train_idx, k),
+                             self._part("val", self.folds[fold].val_idx, k))
+        if entry.nbytes <= self.budget:  # larger than the whole budget: used by this evaluation only
+            self.entries[(fold, k)] = entry
+            while sum(e.nbytes for e in self.entries.values()) > self.budget:
+                self.entries.popitem(last=False)
+        return entry, MISS
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    # -- computing the activations ------------------------------------------------------------
+    def _net(self) -> nn.Module:
+        return copy.deepcopy(self.model.net).to(self.device, memory_format=self.fmt).eval()
+
+    def _hooked(self, net: nn.Module, k: int):
+        """Hooks on block k's modules: the first to run raises ``_Cut`` with its input."""
+        def cut(module, args):
+            raise _Cut(args[0])
+
+        return [net.get_submodule(name).register_forward_pre_hook(cut) for name in self.model.blocks[k].modules]
+
+    @torch.no_grad()
+    def _prefix(self, net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        try:
+            with autocast(self.device, self.cfg.amp):
+                net(images)
+        except _Cut as cut:
+            return cut.activations.contiguous(memory_format=self.fmt) if cut.activations.dim() == 4 else cut.activations
+        raise RuntimeError("the network never reached the hooked block")  # e.g. a block run only in training
+
+    def _part(self, split: str, index, k: int) -> Part:
+        images = image_part(self.dataset, split, index, self.device)
+        net = self._net()
+        hooks = self._hooked(net, k)
+        chunks = [self._prefix(net, batch) for batch, _ in
+                  images.batches(images.order, self.cfg.eval_batch_size, self.device, self.fmt)]
+        for hook in hooks:
+            hook.remove()
+        labels = images.labels[images.order]
+        return Part(torch.cat(chunks), labels, torch.arange(len(labels), device=labels.device), _unchanged)
+
+    def _cut(self, k: int) -> tuple[str, ...] | None:
+        """The modules to replace by nn.Identity to start at block k, or None when that is not exact."""
+        if k not in self.cuts:
+            try:
+                self.cuts[k] = self._find_cut(k)
+            except RuntimeError as error:  # e.g. a block run only in training, or a functional step the cut skips
+                log.debug("prefix cache: no cut at block %d (%s)", k, error)
+                self.cuts[k] = None
+            if self.cuts[k] is None:
+                log.info("prefix cache: starting at block %s would not be exact for %s; trained in full",
+                         self.model.blocks[k].name, self.model.name)
+        return self.cuts[k]
+
+    def _find_cut(self, k: int) -> tuple[str, ...] | None:
+        net = self._net()
+        started: list[str] = []
+        names = {module: name for name, module in net.named_modules()}
+        hooks = [module.register_forward_pre_hook(lambda m, args: started.append(names[m])) for module in net.modules()]
+        hooks += self._hooked(net, k)
+        probe = image_part(self.dataset, "val", torch.arange(min(8, len(self.dataset.val.labels))), self.device)
+        batch, _ = next(probe.batches(probe.order, 8, self.device, self.fmt))
+        try:
+            activations = self._prefix(net, batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # modules still running when block k starts (its ancestors, the root included) stay
+        running = {name for name in started if any(_within(cut, name) for cut in self.model.blocks[k].modules)}
+        before = [name for name in started if name not in running]
+        skipped = tuple(name for name in before if not any(_within(name, other) and name != other
+                                                           for other in before))
+        return skipped if self._exact(net, skipped, batch, activations, k) else None
+
+    @torch.no_grad()
+    def _exact(self, net: nn.Module, skipped: tuple[str, ...], images, activations, k: int) -> bool:
+        """The cut network fed the cached activations gives the whole network's output, and the
+        prefix computes in training what it computes in eval mode (no dropout, functional or not)."""
+        with autocast(self.device, self.cfg.amp):
+            whole = net(images).float()
+            cut = cut_network(copy.deepcopy(net), skipped)(activations).float()
+        if not torch.allclose(whole, cut, rtol=1e-3, atol=1e-4 * (1 + whole.abs().max().item())):
+            return False
+        net.train()
+        for module in net.modules():  # frozen blocks keep their BatchNorm statistics
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        hooks = self._hooked(net, k)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            in_training = [self._prefix(net, images) for torch_seed in (0, 1) if torch.manual_seed(torch_seed)]
+        for hook in hooks:
+            hook.remove()
+        return all(torch.equal(activations, other) for other in in_training)
+
+
+def _within(name: str, ancestor: str) -> bool:
+    """``name`` is ``ancestor`` or a module inside it (the root "" holds everything)."""
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
+
+
+def _unchanged(activations: torch.Tensor) -> torch.Tensor:
+    return activations

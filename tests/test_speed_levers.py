@@ -1,0 +1,177 @@
+"""The speed levers of fitness evaluations: the frozen-prefix activation cache (exact) and
+pruning (approximate), checked on their mechanism."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import biotune
+from biotune import config as cfg
+from biotune import fitness
+from biotune.data import make_folds
+from biotune.experiment import load_inputs
+from biotune.genome import FineTunePlan
+from biotune.prefix_cache import HIT, MISS, NOT_APPLICABLE, PrefixCache
+from biotune.store import RunStore
+from biotune.train import TrainResult, train
+
+
+def plan_for(model, first_trained: int) -> FineTunePlan:
+    names = tuple(b.name for b in model.blocks)
+    return FineTunePlan(multipliers={name: 1.0 + i for i, name in enumerate(names[first_trained:])},
+                        block_names=names)
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    """EfficientNet-Lite0 with its ImageNet weights on small synthetic images: a real timm network."""
+    root = tmp_path_factory.mktemp("lite0")
+    config = cfg.resolve("smoke", overrides={
+        "model.name": "tf_efficientnet_lite0", "model.weights": "imagenet", "data.image_size": 32,
+        "data.root": str(root), "train.max_epochs": 3, "train.patience": 3,
+        "data.options": {"num_classes": 3, "num_train": 96, "num_val": 48, "num_test": 16, "size": 32}})
+    model, dataset = load_inputs(config)
+    return config, model, dataset, make_folds(dataset.train.labels, dataset.val.labels, 0.5)
+
+
+@pytest.mark.parametrize("first_trained", [0, 5, 9])  # nothing frozen, a long prefix, all but the head
+def test_the_prefix_cache_gives_the_same_epochs_as_the_whole_network(lite0, first_trained):
+    config, model, dataset, folds = lite0
+    plan = plan_for(model, first_trained)
+    cache = PrefixCache(model, dataset, folds, config.train)
+    prefix, status = cache.get(plan, 0)
+    assert status == (NOT_APPLICABLE if first_trained == 0 else MISS)
+    runs = [train(model, dataset, plan, config.train, 0, prefix=cached, train_idx=folds[0].train_idx,
+                  val_idx=folds[0].val_idx, progress=False) for cached in (None, prefix)]
+    whole, cut = (run.history for run in runs)
+    assert len(whole) == len(cut) == 3
+    for a, b in zip(whole, cut):
+        assert b["val_macro_acc"] == pytest.approx(a["val_macro_acc"], abs=0.02)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3, abs=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3, abs=1e-4)
+    assert cache.get(plan, 0)[1] == (NOT_APPLICABLE if first_trained == 0 else HIT)
+    assert cache.get(plan, 1)[1] == (NOT_APPLICABLE if first_trained == 0 else MISS)  # another fold
+
+
+def test_the_prefix_cache_is_not_used_where_it_would_not_be_exact(lite0, smoke_config, smoke_inputs):
+    config, model, dataset, folds = lite0
+    plan = plan_for(model, 5)
+    released_bn = dataclasses.replace(config.train, frozen_bn="train")  # frozen BatchNorm keeps learning
+    assert PrefixCache(model, dataset, folds, released_bn).get(plan, 0) == (None, NOT_APPLICABLE)
+    switched_off = dataclasses.replace(config.train, prefix_cache=False)
+    assert PrefixCache(model, dataset, folds, switched_off).get(plan, 0) == (None, NOT_APPLICABLE)
+
+    noisy = copy.deepcopy(model)  # dropout inside the prefix: training would not see the cached values
+    noisy.net.blocks[0] = torch.nn.Sequential(noisy.net.blocks[0], torch.nn.Dropout(0.5))
+    assert PrefixCache(noisy, dataset, folds, config.train).get(plan, 0) == (None, NOT_APPLICABLE)
+
+    prefix, _ = PrefixCache(model, dataset, folds, config.train).get(plan, 0)
+    with pytest.raises(ValueError, match="plain fitness runs only"):  # a method may wrap the prefix (LoRA)
+        train(model, dataset, plan, config.train, 0, method=biotune.methods.get_method("lora"), prefix=prefix)
+
+
+def test_eviction_keeps_the_cache_within_its_budget(lite0):
+    config, model, dataset, folds = lite0
+    one = PrefixCache(model, dataset, folds, config.train)
+    sizes = {k: one.get(plan_for(model, k), 0)[0].nbytes for k in (2, 3, 4)}
+    budget_mb = (sizes[3] + sizes[4]) / 2**20 * 1.01  # room for the two smaller prefixes, not all three
+    cache = PrefixCache(model, dataset, folds, dataclasses.replace(config.train, prefix_cache_mb=max(1, round(budget_mb))))
+    cache.budget = int(budget_mb * 2**20)
+    for k in (2, 3, 4):
+        cache.get(plan_for(model, k), 0)
+        assert cache.nbytes <= cache.budget
+    assert list(cache.entries) == [(0, 3), (0, 4)]  # the least recently used went first
+    assert cache.get(plan_for(model, 2), 0)[1] == MISS
+
+
+def test_a_search_records_prefix_cache_use_per_evaluation(tmp_path, smoke_config):
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"),
+                 "ga.generations": 2, "ga.population": 4}
+    result = biotune.search(preset="smoke", store=tmp_path / "runs.sqlite", overrides=overrides, progress=False)
+    seen = result.evaluations["prefix_cache"]
+    assert set(seen) <= {HIT, MISS, NOT_APPLICABLE} and (seen == MISS).any()
+    trained = result.evaluations[result.evaluations["train_runs"] > 0]
+    frozen_first = trained["trained"].map(lambda mask: mask[0] == 0)
+    assert (trained.loc[frozen_first, "prefix_cache"] != NOT_APPLICABLE).all()
+    assert (trained.loc[~frozen_first, "prefix_cache"] == NOT_APPLICABLE).all()
+
+
+# -- pruning ------------------------------------------------------------------------------------
+
+
+def fake_run(history: list[float]):
+    """A training run whose validation macro accuracy per epoch is ``history``; it asks
+    ``stop_early`` after every epoch but the last, as the trainer does."""
+    def train_run(stop_early):
+        result = TrainResult(status="ok", best_epoch=0, epochs=0, val={})
+        for epoch, value in enumerate(history):
+            result.history.append({"val_macro_acc": value})
+            result.epochs = epoch + 1
+            if epoch + 1 < len(history) and stop_early(epoch, max(history[:epoch + 1])):
+                result.status = "pruned"
+                break
+        return result
+
+    return train_run
+
+
+def test_pruning_stops_a_clearly_worse_run_and_never_a_better_one():
+    pruner = fitness.Pruner(cfg.GAConfig(prune=True, prune_warmup=3, prune_percentile=50.0))
+    for history in ([0.70, 0.80, 0.85], [0.72, 0.82, 0.86], [0.68, 0.79, 0.84]):
+        assert pruner.run(0, fake_run(history)).status == "ok"  # the warm-up runs are never pruned
+    worse = pruner.run(0, fake_run([0.30, 0.40, 0.50]))
+    assert worse.status == "pruned" and worse.epochs == 1
+    better = pruner.run(0, fake_run([0.75, 0.85, 0.90]))
+    assert better.status == "ok" and better.epochs == 3
+    assert pruner.run(1, fake_run([0.30, 0.40, 0.50])).status == "ok"  # another fold: its own warm-up
+
+
+def test_a_pruned_evaluation_is_stored_as_pruned_and_resumes_to_the_same_search(tmp_path, smoke_config, monkeypatch):
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"), "ga.prune": True,
+                 "ga.prune_warmup": 1, "ga.prune_percentile": 90.0, "ga.generations": 2, "ga.population": 4,
+                 "train.max_epochs": 3, "train.patience": 3}
+    reference = biotune.search(preset="smoke", store=tmp_path / "reference.sqlite", overrides=overrides, progress=False)
+    assert (reference.evaluations["status"] == "pruned").any()
+    pruned = reference.evaluations[reference.evaluations["status"] == "pruned"].iloc[0]
+    assert pruned["fitness"] == pytest.approx(1 - pruned["val_macro_acc"])  # the fitness it had reached
+    assert min(s["epochs"] for s in pruned["per_seed"]) < 3
+
+    calls, real_train = [], fitness.train
+
+    def killed_at_the_eighth_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(fitness, "train", killed_at_the_eighth_run)
+    store = tmp_path / "killed.sqlite"
+    with pytest.raises(KeyboardInterrupt):
+        biotune.search(preset="smoke", store=store, overrides=overrides, progress=False)
+    monkeypatch.setattr(fitness, "train", real_train)
+    with RunStore(store) as db:
+        run_id = db.runs()["run_id"].iloc[0]
+    resumed = biotune.search(resume=run_id, store=store, progress=False)
+    columns = ["seq", "genes", "fold", "status", "fitness", "train_runs"]
+    assert resumed.evaluations[columns].to_dict("records") == reference.evaluations[columns].to_dict("records")
+
+
+def test_the_bench_measures_every_path_on_the_same_genomes_and_writes_the_summary(tmp_path, smoke_config):
+    import json
+
+    from biotune.bench import PATHS, run_bench
+
+    table, summary = run_bench("smoke", evaluations=1, json_file=tmp_path / "bench.json",
+                               overrides=[f"data.root={smoke_config.data.root}", "train.max_epochs=2"])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["summary"] == summary
+    assert {"speedup_vs_plain_loop", "speedup_vs_levers_off", "max_abs_val_macro_acc_diff"} <= set(summary)
+    assert {(row["path"], row["genome"]) for row in saved["rows"]} == {
+        (path, genome) for path in PATHS for genome in ("full fine-tuning", "random genome 1")}
+    assert all(row["seconds"] > 0 and row["train_images"] > 0 for row in saved["rows"])
+    # the plain loop trains the same recipe: the same epochs and images as the levers-off evaluator
+    by_path = table.set_index(["genome", "path"])
+    for genome in ("full fine-tuning", "random genome 1"):
+        assert by_path.loc[(genome, "plain loop"), "train_images"] == by_path.loc[(genome, "levers off"), "train_images"]
+    assert summary["max_abs_val_macro_acc_diff"] <= 0.05
