@@ -35,8 +35,8 @@ test-fast: $(STAMP)  ## tests not marked slow
 demo: setup  ## small search + final protocol vs full FT and linear probing (a few minutes on 2 cores)
 	$(BIN)/biotune demo
 
-bench: setup  ## seconds per fitness evaluation and images per second (PRESET=cpu)
-	$(BIN)/biotune bench --preset $(PRESET) $(if $(DEVICE),--train.device $(DEVICE))
+bench: setup  ## plain PyTorch loop vs levers off vs exact levers vs pruning, side by side (PRESET=cpu)
+	$(BIN)/biotune bench --preset $(PRESET) --json results/bench_$(PRESET).json $(if $(DEVICE),--train.device $(DEVICE))
 
 NOTEBOOKS = $(BIN)/biotune notebooks run notebooks/$(PRESET).yaml $(if $(DEVICE),-p device=$(DEVICE)) $(if $(FORCE),--force)
 

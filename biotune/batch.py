@@ -127,12 +127,14 @@ def _run_row(row: dict, store, progress: bool) -> dict:
 
 def ablation_rows(preset: str, dataset: str | None = None, model: str | None = None, *,
                   populations: list[int] = (4, 6, 10, 20), encodings: list[str] = ("no_lr_genes", "no_freezing"),
-                  reference: bool = True, rescore: bool = True, searchers: list[str] = ("random", "tpe", "cmaes"),
+                  reference: bool = True, rescore: bool = True, prune: bool = True,
+                  searchers: list[str] = ("random", "tpe", "cmaes"),
                   overrides: dict | None = None) -> list[dict]:
     """The ablation study's rows for ``run_many``: BioTune as the preset has it; without LR genes
     and without freezing; each population size at the preset's number of generations and at the
     preset's budget of evaluations; the released code's GA variant; the final pick re-scored on
-    every fold (``ga.final_selection = rescore_top_k``); the searchers at BioTune's budget. Rows equal to another row's config are left out (they would be the same run); each
+    every fold (``ga.final_selection = rescore_top_k``); early abandoning of trailing training
+    runs (``ga.prune``); the searchers at BioTune's budget. Rows equal to another row's config are left out (they would be the same run); each
     row's label is ``report.variant`` of its config, the name the figures use."""
     overrides = dict(overrides or {})
     base = cfg.resolve(preset, overrides=run_overrides(dataset, model, overrides, None)).ga
@@ -143,6 +145,8 @@ def ablation_rows(preset: str, dataset: str | None = None, model: str | None = N
         changes.append({"ga.ga_variant": "reference"})
     if rescore:
         changes.append({"ga.final_selection": "rescore_top_k"})
+    if prune:
+        changes.append({"ga.prune": True})
     for population in populations:
         sizes = {"ga.population": population, "ga.elites": min(base.elites, population - 1)}
         same_budget = generations_for_budget(base, population, sizes["ga.elites"], budget, n_folds)

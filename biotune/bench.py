@@ -37,7 +37,14 @@ from .ga import random_genome
 from .genome import decode, encode, num_genes
 from .methods import get_method
 from .store import RunStore
-from .train import cosine_factor, fresh_net, plan_param_groups, resolve_device, set_learning_rates, set_train_mode
+from .train import (
+    cosine_factor,
+    fresh_net,
+    plan_param_groups,
+    resolve_device,
+    set_learning_rates,
+    set_train_mode,
+)
 
 PATHS = ("plain loop", "levers off", "exact levers", "pruning")
 LEVERS = {"levers off": {"train.channels_last": False, "train.prefix_cache": False},

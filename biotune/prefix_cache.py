@@ -175,6 +175,8 @@ class PrefixCache:
         before = [name for name in started if name not in running]
         skipped = tuple(name for name in before if not any(_within(name, other) and name != other
                                                            for other in before))
+        if any(_within(head, name) for head in self.model.head for name in skipped):
+            return None  # a head is initialised per seed (Inception's AuxLogits runs before later blocks)
         return skipped if self._exact(net, skipped, batch, activations, k) else None
 
     @torch.no_grad()

@@ -18,8 +18,9 @@ SEARCHER_NAMES = {"biotune": "BioTune", "random": "random search", "tpe": "TPE",
 BASELINE_NAMES = {"full": "full fine-tuning", "linear_probe": "linear probing", "lp_ft": "LP-FT",
                   "l2_sp": "L2-SP", "l1_sp": "L1-SP", "autorgn": "AutoRGN", "lora": "LoRA"}
 
-# The paper's reported test accuracies (paper.md, "presumably ResNet-50"): BioTune and full
-# fine-tuning on nine datasets, every baseline on Flowers-102. Long form: dataset, variant, value.
+# The paper's reported test accuracies (docs/results.md, "The paper's reported numbers";
+# presumably ResNet-50): BioTune and full fine-tuning on nine datasets, every baseline on
+# Flowers-102. Long form: dataset, variant, value.
 _PAPER_BIOTUNE_FULL = {"flowers102": (91.68, 85.33), "fgvc_aircraft": (64.40, 58.68), "isic2020": (82.90, 78.91),
                        "dtd": (69.27, 68.03), "cifar10": (96.09, 95.65), "stl10": (97.50, 97.33),
                        "mnist": (99.13, 98.96), "usps": (97.57, 97.05), "svhn": (95.85, 96.08)}
@@ -46,6 +47,8 @@ def variant(config: dict) -> str:
         parts.append(f"{ga['ga_variant']} GA")
     if ga.get("final_selection", "best_so_far") != "best_so_far":
         parts.append(f"re-scored top {ga['rescore_k']}")
+    if ga.get("prune"):
+        parts.append("pruned")
     sizes = {key: preset.get(key, getattr(default, key)) for key in ("population", "generations", "elites")}
     if ga["population"] != sizes["population"] or ga["generations"] != sizes["generations"]:
         parts.append(f"N={ga['population']}, T={ga['generations']}")
@@ -72,6 +75,7 @@ def readable(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(
         test_macro_acc=[mean_std(m, s) for m, s in zip(table["test_macro_acc"], table["test_macro_acc_std"])],
         test_top1=[mean_std(m, s) for m, s in zip(table["test_top1"], table["test_top1_std"])],
+        val_macro_acc=(100 * table["val_macro_acc"].astype(float)).round(2),
         trainable_share=table["trainable_share"].astype(float).round(4),
         best_fitness=table["best_fitness"].astype(float).round(4), seconds=table["seconds"].round(1),
     ).drop(columns=["test_macro_acc_std", "test_top1_std"])
