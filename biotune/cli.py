@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", metavar="RUN_ID", help="continue a killed or interrupted run")
     search.add_argument("--final", action="store_true", help="run the final protocol after the search")
 
-    final = sub.add_parser("final", help="final protocol (§7) for a finished search")
+    final = sub.add_parser("final", help="final protocol (docs/algorithm.md §7) for a finished search")
     final.add_argument("run_id")
     final.add_argument("--quiet", action="store_true")
 

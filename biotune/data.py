@@ -401,8 +401,8 @@ def _resize_crop(image, preprocess: Preprocess):
     """Shorter side to resize_size (antialiased), then center-crop; tensors and PIL images alike.
 
     Images smaller than the model input (MNIST, CIFAR, ...) are resized straight to the input
-    size instead, so upsampling never crops away their borders (paper.md: small and gray images
-    are resized to the model input).
+    size instead, so upsampling never crops away their borders (as the paper does: small and gray
+    images are resized to the model input; docs/data.md).
     """
     height, width = TF.get_size(image)
     target = preprocess.image_size if min(height, width) < preprocess.image_size else preprocess.resize_size

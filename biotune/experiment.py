@@ -1,8 +1,8 @@
-"""Runs end to end: a search, the final protocol (§7), baselines, their outputs and comparisons.
+"""Runs end to end: a search, the final protocol (docs/algorithm.md §7), baselines, their outputs and comparisons.
 
 Everything a run computes goes to the run store as it finishes; the run folder
 ``results/<run_id>/`` receives the resolved config, metadata, tidy CSV tables, the recipe,
-the final results and a convergence figure (biotune.md §9).
+the final results and a convergence figure (docs/algorithm.md §9).
 """
 from __future__ import annotations
 
@@ -354,7 +354,7 @@ def run_baseline(method: str, dataset: str | None = None, model: str | None = No
     """A baseline through the same data, trainer, seeds and final protocol as BioTune.
 
     ``grid``: hyperparameter settings to choose from on validation (default: the method's grid,
-    baselines.md); ``[{}]`` runs the method's defaults only. With ``reuse``, a run of the same
+    docs/methods.md); ``[{}]`` runs the method's defaults only. With ``reuse``, a run of the same
     method, resolved config and grid already in the store is returned if finished and continued
     if not, instead of starting a new one.
     """

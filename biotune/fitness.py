@@ -1,4 +1,4 @@
-"""Fitness of a genome (biotune.md §3), recorded in the run store as it finishes.
+"""Fitness of a genome (docs/algorithm.md §3), recorded in the run store as it finishes.
 
 Every call gets the next sequence number of the run. When a run is resumed, the search replays
 from its last checkpoint with the same random states, so it asks for the same genomes in the same

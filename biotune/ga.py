@@ -1,4 +1,4 @@
-"""BioTune's evolutionary loop on DEAP (biotune.md §5 and §6).
+"""BioTune's evolutionary loop on DEAP (docs/algorithm.md §5 and §6).
 
 DEAP supplies the individuals, fitness, statistics, logbook and hall of fame; BioTune's own
 operators (rank selection over a shrinking mating pool, blend crossover, extinction-driven
@@ -215,9 +215,10 @@ class BioTuneGA:
         self.rng = random.Random(config.seed)
         random.seed(config.seed)  # DEAP's own helpers draw from the module-level generator
         self.population: list = []
-        # The best-so-far (§5d). DEAP's default similarity test (equal genes) would skip a genome
-        # that comes back re-scored better on a new fold, leaving its stale fitness to be beaten
-        # by a worse genome; every individual is compared on fitness alone instead.
+        # The best-so-far (docs/algorithm.md §5, step 2d). DEAP's default similarity test (equal
+        # genes) would skip a genome that comes back re-scored better on a new fold, leaving its
+        # stale fitness to be beaten by a worse genome; every individual is compared on fitness
+        # alone instead.
         self.hall_of_fame = tools.HallOfFame(1, similar=lambda a, b: False)
         self.logbook = tools.Logbook()
         self.stats = fitness_statistics()
@@ -255,9 +256,9 @@ class BioTuneGA:
     def _exploit(self, generation: int, fold: int) -> None:
         """Each elite tries g_i +/- d on one trained gene and keeps the better only if it improves.
 
-        Where the released code differs, ``reference`` follows it and ``improved`` does what §5a
-        says: an elite that trains no block is skipped (improved: it tries any block gene, so
-        a population stuck at the worst fitness can still move); when +d and -d tie, the gene is
+        Where the released code differs, ``reference`` follows it and ``improved`` does what §5
+        step 2a says: an elite that trains no block is skipped (improved: it tries any block gene,
+        so a population stuck at the worst fitness can still move); when +d and -d tie, the gene is
         restored (improved: +d is kept if it beats the elite); the kept gene is stored unclipped
         (improved: clipped, as it was evaluated).
         """

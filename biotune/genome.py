@@ -1,7 +1,7 @@
 """Genome <-> fine-tuning plan, and the reusable recipe.
 
-A genome has one gene per block plus a threshold gene (biotune.md §2). Block b is trained iff
-g_b > g_T, with learning-rate multiplier r_b = 10^(2(g_b - 0.5)) in [0.1, 10]. The trainer never
+A genome has one gene per block plus a threshold gene (docs/algorithm.md §2). Block b is trained
+iff g_b > g_T, with learning-rate multiplier r_b = 10^(2(g_b - 0.5)) in [0.1, 10]. The trainer never
 sees genes, only the plan; a recipe is the plan written against module names so it can be applied
 to a user's own model in their own training loop.
 """
@@ -38,7 +38,9 @@ class FineTunePlan:
         return not self.multipliers
 
     def key(self, decimals: int = 4) -> str:
-        """Stable text key of the decoded plan (the evaluation cache keys on it, §6)."""
+        """Stable text key of the decoded plan.
+
+        The evaluation cache keys on it (docs/algorithm.md §6)."""
         return json.dumps({b: round(m, decimals) for b, m in self.multipliers.items()})
 
     def trained_mask(self) -> list[int]:

@@ -1,4 +1,4 @@
-"""Random search, TPE and CMA-ES over BioTune's genome, at BioTune's budget (baselines.md).
+"""Random search, TPE and CMA-ES over BioTune's genome, at BioTune's budget (docs/methods.md).
 
 Does the evolution matter? Each searcher here differs from BioTune in how it proposes genomes
 and in nothing else: the same genome (``genome.num_genes``), decoding, fitness (the same

@@ -126,7 +126,7 @@ def autocast(device: torch.device, amp: bool):
 
 def memory_format(channels_last: bool):
     """NHWC is 2.3x faster than NCHW for EfficientNet-Lite0 training on a 2-core AVX-512 CPU
-    (README, Benchmarks) and what cuDNN prefers; ``train.channels_last=false`` turns it off."""
+    (docs/performance.md) and what cuDNN prefers; ``train.channels_last=false`` turns it off."""
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

@@ -3,7 +3,7 @@
 A method decides which blocks train (a plan) and may hook into the one trainer: wrap the network
 (LoRA), build its own param groups, add a penalty to the loss (L2-SP, L1-SP) or rebuild the
 optimizer before every epoch (AutoRGN). All methods go through the same data, seeds and final
-protocol (biotune.md §7), so the rows of a results table differ in the method alone.
+protocol (docs/algorithm.md §7), so the rows of a results table differ in the method alone.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class Method:
     """Full fine-tuning behaviour by default; subclasses override what their method changes."""
 
     name = "method"
-    grid: list[dict] = [{}]  # hyperparameter settings tried on validation (baselines.md)
+    grid: list[dict] = [{}]  # hyperparameter settings tried on validation (docs/methods.md)
 
     def plan(self, model) -> FineTunePlan:
         names = tuple(b.name for b in model.blocks)
