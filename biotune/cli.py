@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     final.add_argument("--quiet", action="store_true")
 
     baseline = sub.add_parser("baseline", help="a baseline through the same final protocol")
-    baseline.add_argument("--method", required=True, help="full, linear_probe, lp_ft, l2_sp, l1_sp, autorgn, lora")
+    baseline.add_argument("--method", required=True, help="full, linear_probe, lp_ft, l2_sp, l1_sp, autorgn, lora, adafilter")
     baseline.add_argument("--no-grid", action="store_true",
                           help="train the method's default hyperparameters only, not its grid")
     _add_run_options(baseline)

@@ -54,6 +54,11 @@ class Method:
         """Called before every epoch; may return a new optimizer."""
         return optimizer
 
+    def test_report(self, net: torch.nn.Module, dataset, batch_size: int):
+        """A table of the method's own on the test split, which the final protocol writes to the
+        run folder as ``(file name, DataFrame)``; None for most methods (AdaFilter: gate usage)."""
+        return None
+
 
 class PlanMethod(Method):
     """Trains a given plan as it is: BioTune's best genome in the final protocol."""
@@ -75,4 +80,4 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-from . import autorgn, full, linear_probe, lora, lp_ft, sp  # noqa: E402,F401  (modules register themselves)
+from . import adafilter, autorgn, full, linear_probe, lora, lp_ft, sp  # noqa: E402,F401  (modules register themselves)
