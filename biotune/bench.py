@@ -81,6 +81,27 @@ def run_bench(preset: str = "cpu", evaluations: int = 3, overrides: list[str] | 
     return table, summary
 
 
+def method_costs(preset: str = "cpu", methods: tuple[str, ...] = ("full", "adafilter"),
+                 overrides: list[str] | None = None) -> pd.DataFrame:
+    """Seconds and training images per second of one training run of each method (its default
+    setting), side by side on fold 0 with the preset's first seed: what a method costs per image
+    against full fine-tuning (AdaFilter runs a pretrained and a fine-tuned conv for every filter)."""
+    config = cfg.resolve(preset, overrides=overrides)
+    model, dataset = load_inputs(config)
+    fold = make_folds(dataset.train.labels, dataset.val.labels, config.ga.train_split, seed=config.data.split_seed)[0]
+    rows = []
+    for name in methods:
+        result = get_method(name).fit(model, dataset, config.train, config.train.seeds[0], train_idx=fold.train_idx,
+                                      val_idx=fold.val_idx, progress=False)
+        rows.append({"method": name, "epochs": result.epochs, "seconds": result.seconds,
+                     "train_images": result.train_images, "images_per_s": result.train_images / result.seconds,
+                     "trainable_share": result.trainable_params / model.num_params,
+                     "val_macro_acc": result.val.get("macro_acc")})
+    table = pd.DataFrame(rows)
+    return table.assign(seconds_per_image_vs_first=lambda t: (t["seconds"] / t["train_images"])
+                        / (t["seconds"].iloc[0] / t["train_images"].iloc[0]))
+
+
 def _evaluator(config: cfg.Config, changes: dict, model, dataset, folds, store_path: Path) -> Evaluator:
     path_config = cfg.from_dict(config.to_dict())
     cfg.merge(path_config, cfg.parse_overrides(changes), "bench")

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default="cpu", choices=PRESETS)
     bench.add_argument("--evaluations", type=int, default=3, help="random genomes besides full fine-tuning")
     bench.add_argument("--json", metavar="FILE", help="also write every row and the summary of ratios here")
+    bench.add_argument("--methods", nargs="+", metavar="METHOD",
+                       help="instead: one training run of each method side by side, e.g. --methods full adafilter")
 
     notebooks = sub.add_parser("notebooks", help="run a plan of notebooks through papermill")
     notebook_commands = notebooks.add_subparsers(dest="notebooks_command", required=True)
@@ -178,8 +180,11 @@ def _run(args, overrides: list[str]) -> int:
     elif args.command == "notebooks":
         return _notebooks(args)
     elif args.command == "bench":
-        from .bench import run_bench
+        from .bench import method_costs, run_bench
 
+        if args.methods:
+            _print_table(method_costs(args.preset, tuple(args.methods), overrides).round(3))
+            return 0
         if args.evaluations < 0:
             raise cfg.ConfigError(f"--evaluations must be >= 0, got {args.evaluations}")
         table, summary = run_bench(preset=args.preset, evaluations=args.evaluations, overrides=overrides,

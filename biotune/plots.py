@@ -183,6 +183,24 @@ def ablation_bars(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def gate_usage(usage: pd.DataFrame) -> plt.Figure:
+    """AdaFilter, per gated layer in forward order: the share of fine-tuned filters an example uses
+    on the test split (mean over examples, band: ± their std), one panel per dataset and model."""
+    panels = list(usage.groupby(["dataset", "model"], sort=True).groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False, sharey=True)
+    for ax, (dataset, model) in zip(axes[0], panels):
+        frame = usage[(usage["dataset"] == dataset) & (usage["model"] == model)]
+        per_layer = frame.groupby("order").agg(mean=("share_mean", "mean"), std=("share_std", "mean"))
+        ax.plot(per_layer.index, per_layer["mean"], marker=".", label="mean over examples")
+        ax.fill_between(per_layer.index, (per_layer["mean"] - per_layer["std"]).clip(0),
+                        (per_layer["mean"] + per_layer["std"]).clip(upper=1), alpha=0.25, label="± std across examples")
+        ax.set(xlabel="gated conv layer (input to output)", ylabel="share of fine-tuned filters used",
+               title=f"{dataset} · {model}", ylim=(0, 1))
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def time_per_evaluation(history: pd.DataFrame) -> plt.Figure:
     """Seconds per fitness evaluation that trained (cache hits and genomes that train no block
     left out), per search variant and dataset; ``history`` is ``report.search_history``."""

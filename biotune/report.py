@@ -16,7 +16,7 @@ from .store import RunStore
 
 SEARCHER_NAMES = {"biotune": "BioTune", "random": "random search", "tpe": "TPE", "cmaes": "CMA-ES"}
 BASELINE_NAMES = {"full": "full fine-tuning", "linear_probe": "linear probing", "lp_ft": "LP-FT",
-                  "l2_sp": "L2-SP", "l1_sp": "L1-SP", "autorgn": "AutoRGN", "lora": "LoRA"}
+                  "l2_sp": "L2-SP", "l1_sp": "L1-SP", "autorgn": "AutoRGN", "lora": "LoRA", "adafilter": "AdaFilter"}
 
 # The paper's reported test accuracies (docs/results.md, "The paper's reported numbers";
 # presumably ResNet-50): BioTune and full fine-tuning on nine datasets, every baseline on
@@ -148,6 +148,24 @@ def best_recipes(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame:
                              "variant": variant(run["config"]), "order": order, "block": block,
                              "multiplier": None if value == "frozen" else float(value)})
     return pd.DataFrame(rows, columns=["run_id", "dataset", "model", "variant", "order", "block", "multiplier"])
+
+
+def gate_usage(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame:
+    """AdaFilter's per-layer gate usage on the test split (``gate_usage.csv`` of each run folder), for
+    the setting chosen on validation: one row per (run, seed, gated layer), layers in forward order."""
+    frames = []
+    with RunStore(store) as db:
+        for run_id in run_ids:
+            run = db.run(run_id)
+            file = Path(run["config"]["results_dir"]) / run_id / "gate_usage.csv"
+            chosen = db.finals(run_id).query("selected == 1")["setting"]
+            if run["method"] == "adafilter" and file.is_file() and len(chosen):
+                usage = pd.read_csv(file)
+                usage = usage[usage["setting"] == chosen.iloc[0]]
+                frames.append(usage.assign(run_id=run_id, dataset=run["dataset"], model=run["model"],
+                                           order=usage.groupby("seed").cumcount()))
+    columns = ["run_id", "dataset", "model", "seed", "order", "layer", "filters", "share_mean", "share_std"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def with_paper(table: pd.DataFrame) -> pd.DataFrame:

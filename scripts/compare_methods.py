@@ -15,7 +15,7 @@ import sys
 import biotune
 from biotune.batch import SEARCHERS
 
-BASELINES = ("full", "linear_probe", "lp_ft", "l2_sp", "l1_sp", "autorgn", "lora")
+BASELINES = ("full", "linear_probe", "lp_ft", "l2_sp", "l1_sp", "autorgn", "lora", "adafilter")
 
 if __name__ == "__main__":  # the parallel rows run in spawned processes that import this file
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

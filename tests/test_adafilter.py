@@ -260,3 +260,12 @@ def test_a_rebuild_that_changes_the_pretrained_function_is_refused():
     model = SimpleNamespace(name="reused", net=Reused(), head=("fc",), preprocess=SimpleNamespace(image_size=8))
     with pytest.raises(RuntimeError, match="could not rebuild reused: with every gate at 0"):
         get_method("adafilter").prepare(model.net, model)
+
+
+def test_bench_compares_a_method_s_cost_per_image_with_full_fine_tuning(smoke_config):
+    from biotune.bench import method_costs
+
+    table = method_costs("smoke", ("full", "adafilter"), overrides=[f"data.root={smoke_config.data.root}"])
+    assert table["method"].tolist() == ["full", "adafilter"]
+    assert (table["images_per_s"] > 0).all() and table["seconds_per_image_vs_first"].iloc[0] == 1.0
+    assert table["train_images"].iloc[0] == table["train_images"].iloc[1]  # the same fold, epochs and batches

@@ -54,12 +54,13 @@ def test_every_notebook_runs_with_smoke_parameters_and_writes_its_figures(tmp_pa
     assert figures["00_quickstart"] == ["quickstart_convergence.pdf", "quickstart_convergence.png"]
     assert "accuracy_vs_share_smoke.png" in figures["01_main_experiments"]
     assert "ablations_smoke_synthetic.png" in figures["02_ablations"]
-    for name in ("convergence", "best_genomes", "accuracy_vs_share", "ablations", "time_per_evaluation"):
+    for name in ("convergence", "best_genomes", "accuracy_vs_share", "ablations", "time_per_evaluation",
+                 "adafilter_gates"):
         assert {f"{name}_smoke.png", f"{name}_smoke.pdf"} <= set(figures["03_figures"]), name
     executed = nbformat.read(tmp_path / "executed" / "smoke" / "01_main_experiments.ipynb", as_version=4)
     assert any(cell.get("outputs") for cell in executed.cells if cell.cell_type == "code")
     table = (tmp_path / "01_main_experiments" / "main_smoke.csv").read_text()
-    assert table.count("\n") == 1 + 11  # header + one row per method
+    assert table.count("\n") == 1 + 12  # header + one row per method
 
     again = run_plan(tmp_path / "plan.yaml", output_dir=tmp_path / "executed")
     assert again["status"].tolist() == ["skipped"] * 3 + ["ok"]  # figures are `always: true`
