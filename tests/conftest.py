@@ -20,3 +20,31 @@ def smoke_inputs(smoke_config):
     from biotune.experiment import load_inputs
 
     return load_inputs(smoke_config)
+
+
+@pytest.fixture()
+def interrupted_search(monkeypatch, tmp_path):
+    """``interrupted_search(overrides, after_runs)``: a smoke search stopped by Ctrl-C when its
+    training run number ``after_runs + 1`` starts; returns (store path, run id) for a resume."""
+    import biotune
+    from biotune import fitness
+    from biotune.store import RunStore
+
+    def run(overrides: dict, after_runs: int):
+        trainings, real_train = [], fitness.train
+
+        def train_then_interrupt(*args, **kwargs):
+            trainings.append(1)
+            if len(trainings) > after_runs:
+                raise KeyboardInterrupt
+            return real_train(*args, **kwargs)
+
+        monkeypatch.setattr(fitness, "train", train_then_interrupt)
+        store_path = tmp_path / "interrupted.sqlite"
+        with pytest.raises(KeyboardInterrupt):
+            biotune.search(preset="smoke", store=store_path, overrides=overrides, progress=False)
+        monkeypatch.setattr(fitness, "train", real_train)
+        with RunStore(store_path) as store:
+            return store_path, store.runs()["run_id"].iloc[0]
+
+    return run

@@ -7,7 +7,7 @@ from test_ga import FakeEvaluate, make_ga
 
 import biotune
 from biotune import config as cfg
-from biotune import fitness, ga, searchers
+from biotune import ga, searchers
 from biotune.cli import main
 from biotune.store import RunStore
 
@@ -87,26 +87,14 @@ def test_each_searcher_spends_biotune_s_budget_on_its_folds(name, smoke_run, bio
 
 
 @pytest.mark.parametrize("name", ["tpe", pytest.param("cmaes", marks=needs_cmaes)])
-def test_an_interrupted_search_resumes_like_an_uninterrupted_run(name, tmp_path, smoke_config, monkeypatch):
+def test_an_interrupted_search_resumes_like_an_uninterrupted_run(name, tmp_path, smoke_config, interrupted_search):
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"),
                  "ga.searcher": name, "ga.population": 4, "ga.generations": 3, "ga.elites": 1}  # 21 trials
     reference = biotune.search(preset="smoke", store=tmp_path / "reference.sqlite", overrides=overrides,
                                progress=False)
-    trainings, real_train = [], fitness.train
-
-    def train_then_interrupt(*args, **kwargs):
-        trainings.append(1)
-        if len(trainings) > 14:  # past TPE's 10 random trials: the resumed run must replay its model
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(fitness, "train", train_then_interrupt)
-    store_path = tmp_path / "interrupted.sqlite"
-    with pytest.raises(KeyboardInterrupt):
-        biotune.search(preset="smoke", store=store_path, overrides=overrides, progress=False)
-    monkeypatch.setattr(fitness, "train", real_train)
+    # past TPE's 10 random trials: the resumed run must replay its model
+    store_path, run_id = interrupted_search(overrides, after_runs=14)
     with RunStore(store_path) as store:
-        run_id = store.runs()["run_id"].iloc[0]
         assert store.run(run_id)["status"] == "interrupted"
         assert 14 <= len(store.evaluations(run_id)) < len(reference.evaluations)
 

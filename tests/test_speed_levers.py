@@ -13,7 +13,6 @@ from biotune.data import make_folds
 from biotune.experiment import load_inputs
 from biotune.genome import FineTunePlan
 from biotune.prefix_cache import HIT, MISS, NOT_APPLICABLE, PrefixCache
-from biotune.store import RunStore
 from biotune.train import TrainResult, train
 
 
@@ -127,7 +126,8 @@ def test_pruning_stops_a_clearly_worse_run_and_never_a_better_one():
     assert pruner.run(1, fake_run([0.30, 0.40, 0.50])).status == "ok"  # another fold: its own warm-up
 
 
-def test_a_pruned_evaluation_is_stored_as_pruned_and_resumes_to_the_same_search(tmp_path, smoke_config, monkeypatch):
+def test_a_pruned_evaluation_is_stored_as_pruned_and_resumes_to_the_same_search(tmp_path, smoke_config,
+                                                                              interrupted_search):
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"), "ga.prune": True,
                  "ga.prune_warmup": 1, "ga.prune_percentile": 90.0, "ga.generations": 2, "ga.population": 4,
                  "train.max_epochs": 3, "train.patience": 3}
@@ -137,21 +137,7 @@ def test_a_pruned_evaluation_is_stored_as_pruned_and_resumes_to_the_same_search(
     assert pruned["fitness"] == pytest.approx(1 - pruned["val_macro_acc"])  # the fitness it had reached
     assert min(s["epochs"] for s in pruned["per_seed"]) < 3
 
-    calls, real_train = [], fitness.train
-
-    def killed_at_the_eighth_run(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(fitness, "train", killed_at_the_eighth_run)
-    store = tmp_path / "killed.sqlite"
-    with pytest.raises(KeyboardInterrupt):
-        biotune.search(preset="smoke", store=store, overrides=overrides, progress=False)
-    monkeypatch.setattr(fitness, "train", real_train)
-    with RunStore(store) as db:
-        run_id = db.runs()["run_id"].iloc[0]
+    store, run_id = interrupted_search(overrides, after_runs=7)
     resumed = biotune.search(resume=run_id, store=store, progress=False)
     columns = ["seq", "genes", "fold", "status", "fitness", "train_runs"]
     assert resumed.evaluations[columns].to_dict("records") == reference.evaluations[columns].to_dict("records")
