@@ -241,7 +241,7 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
         shuffled = training.order[torch.randperm(len(training.order), generator=order).to(training.order.device)]
         epoch_batches = functools.partial(training.batches, shuffled, cfg.batch_size, device, fmt)
         optimizer = method.on_epoch_start(epoch, net, optimizer, epoch_batches)
-        base_lr_now = cfg.base_lr * cosine_factor(epoch, cfg.cosine_t_max)
+        base_lr_now = cfg.base_lr * method.lr_factor(epoch, cfg)
         set_learning_rates(optimizer, base_lr_now)
         loss_sum = torch.zeros((), device=device)
         for batch, batch_labels in epoch_batches():

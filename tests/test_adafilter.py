@@ -269,3 +269,24 @@ def test_bench_compares_a_method_s_cost_per_image_with_full_fine_tuning(smoke_co
     assert table["method"].tolist() == ["full", "adafilter"]
     assert (table["images_per_s"] > 0).all() and table["seconds_per_image_vs_first"].iloc[0] == 1.0
     assert table["train_images"].iloc[0] == table["train_images"].iloc[1]  # the same fold, epochs and batches
+
+
+def test_the_spottune_recipe_trains_with_sgd_and_step_decay(smoke_config, smoke_inputs, monkeypatch):
+    import sys
+
+    trainer = sys.modules["biotune.train"]  # the module: biotune.train is also a function's name
+    model, dataset = smoke_inputs
+    seen = []
+    real = trainer.set_learning_rates
+
+    def spy(optimizer, base_lr):
+        seen.append((type(optimizer).__name__, optimizer.param_groups[0].get("momentum"), base_lr))
+        real(optimizer, base_lr)
+
+    monkeypatch.setattr(trainer, "set_learning_rates", spy)
+    config = replace(smoke_config.train, max_epochs=4, patience=4)
+    get_method("adafilter", recipe="spottune", sgd_lr=0.05).fit(model, dataset, config, 0, progress=False)
+    assert [kind for kind, _, _ in seen] == ["SGD"] * 4 and {m for _, m, _ in seen} == {0.9}
+    assert [lr for _, _, lr in seen] == pytest.approx([0.05, 0.05, 0.005, 0.0005])  # / 10 at epochs 2 and 3
+    with pytest.raises(ValueError, match="choose one of protocol, spottune"):
+        get_method("adafilter", recipe="sgd")

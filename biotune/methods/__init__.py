@@ -54,6 +54,14 @@ class Method:
         """Called before every epoch; may return a new optimizer."""
         return optimizer
 
+    def lr_factor(self, epoch: int, cfg) -> float:
+        """The schedule: the base learning rate of this epoch as a multiple of ``cfg.base_lr``. The
+        protocol's recipe is CosineAnnealingLR stepped per epoch; a method with its own recipe
+        overrides it (AdaFilter's SpotTune-style step decay)."""
+        from ..train import cosine_factor
+
+        return cosine_factor(epoch, cfg.cosine_t_max)
+
     def test_report(self, net: torch.nn.Module, dataset, batch_size: int):
         """A table of the method's own on the test split, which the final protocol writes to the
         run folder as ``(file name, DataFrame)``; None for most methods (AdaFilter: gate usage)."""

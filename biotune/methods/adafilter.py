@@ -231,12 +231,21 @@ class AdaFilter(Method):
     name = "adafilter"
     grid = [{"lr_scale": s} for s in (1.0, 0.1)]
 
+    RECIPES = ("protocol", "spottune")
+
     def __init__(self, d: int = 64, layers: str | None = None, gumbel_temperature: float | None = None,
-                 gate_penalty: float = 0.0, freeze_pretrained_bn: bool = True, lr_scale: float = 1.0):
+                 gate_penalty: float = 0.0, freeze_pretrained_bn: bool = True, lr_scale: float = 1.0,
+                 recipe: str = "protocol", sgd_lr: float = 0.01):
         """``layers``: a regex that must match a conv's whole module name (default: every backbone
-        conv); ``lr_scale``: the trained parameters' learning rate as a multiple of base_lr."""
+        conv); ``lr_scale``: the trained parameters' learning rate as a multiple of base_lr.
+        ``recipe="spottune"`` trains with SGD (momentum 0.9) from ``sgd_lr``, divided by 10 at half
+        and at three quarters of ``train.max_epochs``, instead of the protocol's Adam and cosine
+        schedule: SpotTune's kind of recipe, since AdaFilter's own is unknown (its values are ours)."""
+        if recipe not in self.RECIPES:
+            raise ValueError(f"AdaFilter recipe {recipe!r}: choose one of {', '.join(self.RECIPES)}")
         self.d, self.layers, self.gumbel_temperature = d, layers, gumbel_temperature
         self.gate_penalty, self.freeze_pretrained_bn, self.lr_scale = gate_penalty, freeze_pretrained_bn, lr_scale
+        self.recipe, self.sgd_lr = recipe, sgd_lr
 
     def prepare(self, net: nn.Module, model) -> AdaFilterNet:
         """Gate the convs a trace finds, log what is not gated, and check that every gate at 0
@@ -287,6 +296,18 @@ class AdaFilter(Method):
             p.requires_grad_(id(p) in trained)
         return [{"params": ps, "lr": base_lr * self.lr_scale, "lr_scale": self.lr_scale, "name": kind}
                 for kind, ps in kinds.items() if ps]
+
+    def on_epoch_start(self, epoch: int, net, optimizer, sample_batches) -> torch.optim.Optimizer:
+        """The SpotTune-style recipe swaps the protocol's Adam for SGD with momentum, same groups."""
+        if self.recipe == "spottune" and not isinstance(optimizer, torch.optim.SGD):
+            return torch.optim.SGD(optimizer.param_groups, momentum=0.9, weight_decay=optimizer.defaults["weight_decay"])
+        return optimizer
+
+    def lr_factor(self, epoch: int, cfg) -> float:
+        if self.recipe == "protocol":
+            return super().lr_factor(epoch, cfg)
+        steps = sum(epoch >= milestone for milestone in (cfg.max_epochs // 2, 3 * cfg.max_epochs // 4) if milestone)
+        return self.sgd_lr / cfg.base_lr * 0.1 ** steps
 
     def penalty(self, net: AdaFilterNet) -> torch.Tensor | None:
         """gate_penalty times the share of fine-tuned filters used in the last batch."""
