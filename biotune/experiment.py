@@ -307,7 +307,7 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
     model, dataset = inputs
     grid = grid if grid is not None else make_method().grid
     finished = store.finals(run_id)
-    reports: dict[str, list[pd.DataFrame]] = {}  # a method's own test-split tables, per setting and seed
+    folder = run_dir(config, run_id)
     for setting in grid:
         key = json.dumps(setting, sort_keys=True)
         method = make_method(**setting)
@@ -324,15 +324,13 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
                                 amp=config.train.amp)
                 row.update(test_macro_acc=test["macro_acc"], test_top1=test["top1"], test_loss=test["loss"])
                 report = method.test_report(result.net, dataset, config.train.eval_batch_size)
-                if report is not None:
+                if report is not None:  # appended before the row is stored: a kill loses none (a rerun repeats it)
                     name, table = report
-                    reports.setdefault(name, []).append(table.assign(setting=key, seed=seed))
+                    table.assign(setting=key, seed=seed).to_csv(folder / name, mode="a", index=False,
+                                                                 header=not (folder / name).is_file())
             store.add_final(run_id, row)
     finals = store.select_final_setting(run_id, method_name)
-    folder = run_dir(config, run_id)
     finals.to_csv(folder / "final.csv", index=False)
-    for name, tables in reports.items():  # only for the runs trained now: a resumed protocol rewrites what it trains
-        pd.concat(tables, ignore_index=True).to_csv(folder / name, index=False)
     return finals
 
 

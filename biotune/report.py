@@ -160,7 +160,7 @@ def gate_usage(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame:
             file = Path(run["config"]["results_dir"]) / run_id / "gate_usage.csv"
             chosen = db.finals(run_id).query("selected == 1")["setting"]
             if run["method"] == "adafilter" and file.is_file() and len(chosen):
-                usage = pd.read_csv(file)
+                usage = pd.read_csv(file).drop_duplicates(["setting", "seed", "layer"], keep="last")  # a rerun seed
                 usage = usage[usage["setting"] == chosen.iloc[0]]
                 frames.append(usage.assign(run_id=run_id, dataset=run["dataset"], model=run["model"],
                                            order=usage.groupby("seed").cumcount()))
