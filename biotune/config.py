@@ -102,7 +102,7 @@ class GAConfig:
     rescore_k: Count = 3
     # Approximate lever, off by default (optuna's PercentilePruner): after prune_warmup finished
     # training runs on a fold, a run whose best validation macro accuracy after an epoch is below
-    # the prune_percentile-th best of those runs at that epoch stops, recorded as "pruned".
+    # the prune_percentile-th percentile of those runs at that epoch stops, recorded as "pruned".
     prune: Flag = False
     prune_percentile: Annotated[float, Strict(), Field(gt=0, lt=100)] = 50.0  # 50: the median pruner
     prune_warmup: Annotated[int, Strict(), Field(ge=0)] = 4
