@@ -40,9 +40,10 @@ class Pruner:
 
     One study per fold; each training run (a genome and a seed) is a trial whose intermediate
     value at epoch e is its best validation macro accuracy up to e. After ``prune_warmup``
-    finished runs on the fold, a run below the ``prune_percentile``-th percentile of them at the same
-    epoch stops (optuna's percentile is 100 minus ours: it names the top share kept). A resumed run feeds the stored runs' histories
-    back in the order they were made, so it prunes what the uninterrupted run pruned.
+    finished runs on the fold, a run below the ``prune_percentile``-th percentile of them at the
+    same epoch stops (optuna's percentile is 100 minus ours: it names the top share kept). A
+    resumed run feeds the stored runs' histories back in the order they were made, so it prunes
+    what the uninterrupted run pruned.
     """
 
     def __init__(self, config: GAConfig):
