@@ -45,6 +45,8 @@ def test_every_notebook_runs_with_smoke_parameters_and_writes_its_figures(tmp_pa
         run["parameters"]["output_dir"] = str(tmp_path / Path(run["notebook"]).stem)
         if "data_root" in notebook_parameters(run["notebook"]):
             run["parameters"]["data_root"] = str(tmp_path / "data")
+        if "overrides" in notebook_parameters(run["notebook"]):  # run folders too, not the repository's results/
+            run["parameters"]["overrides"] = {**run["parameters"].get("overrides", {}), "results_dir": str(tmp_path / "runs")}
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
 
     summary = run_plan(tmp_path / "plan.yaml", output_dir=tmp_path / "executed")
