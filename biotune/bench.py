@@ -38,6 +38,7 @@ from .genome import decode, encode, num_genes
 from .methods import get_method
 from .store import RunStore
 from .train import (
+    autocast,
     cosine_factor,
     fresh_net,
     plan_param_groups,
@@ -122,6 +123,8 @@ def _evaluate(evaluator: Evaluator, genes) -> dict:
 def _plain_loop(model, dataset, plan, train_cfg: cfg.TrainConfig, fold) -> dict:
     """Each seed trained by the anchor loop: per-sample PIL -> tensor -> normalise in a DataLoader,
     NCHW, every block run forward each step; same recipe as the trainer."""
+    if train_cfg.num_threads:  # as the trainer does, so the first path is not timed on other threads
+        torch.set_num_threads(train_cfg.num_threads)
     started, device = time.perf_counter(), resolve_device(train_cfg.device)
     preprocess = dataset.preprocess
     transform = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preprocess.mean, preprocess.std)])
@@ -146,16 +149,19 @@ def _plain_loop(model, dataset, plan, train_cfg: cfg.TrainConfig, fold) -> dict:
             set_train_mode(net, frozen, train_cfg.frozen_bn)
             set_learning_rates(optimizer, train_cfg.base_lr * cosine_factor(epoch, train_cfg.cosine_t_max))
             for images, labels in train_loader:
-                loss = F.cross_entropy(net(images.to(device)), labels.to(device))
+                with autocast(device, train_cfg.amp):  # bf16 on CUDA, as the trainer; nothing on the CPU
+                    loss = F.cross_entropy(net(images.to(device)).float(), labels.to(device))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 images_seen += len(labels)
             net.eval()
-            with torch.no_grad():
-                predicted = torch.cat([net(images.to(device)).argmax(1).cpu() for images, _ in val_loader])
-            truth = torch.cat([labels for _, labels in val_loader])
-            macro = balanced_accuracy_score(truth.numpy(), predicted.numpy())
+            predicted, truth = [], []
+            with torch.no_grad(), autocast(device, train_cfg.amp):
+                for images, labels in val_loader:
+                    predicted.append(net(images.to(device)).argmax(1).cpu())
+                    truth.append(labels)
+            macro = balanced_accuracy_score(torch.cat(truth).numpy(), torch.cat(predicted).numpy())
             epochs_run += 1
             best, waited = (macro, 0) if macro > best + train_cfg.min_delta else (best, waited + 1)
             if waited >= train_cfg.patience:

@@ -209,7 +209,11 @@ def load_dataset(name: str, preprocess: Preprocess | None = None, *, root: str |
         if cached is not None:
             return cached
 
-    raw = source(root, download, **options)
+    try:
+        raw = source(root, download, **options)
+    except TypeError as err:  # an option of the wrong type, e.g. {num_classes: three}
+        raise ValueError(f"dataset {title}: its options {options} do not fit ({err}); see data/README.md "
+                         "for each source's options and their types") from err
     _check_labels(raw, str(options.get("path", title)))
     preprocess = preprocess or _native_preprocess(raw, title)
     splits, val_source, test_source = _carve(raw, val_fraction, seed)

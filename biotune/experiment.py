@@ -181,9 +181,10 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
                        seed=config.data.split_seed)
     evaluator = Evaluator(model=model_obj, dataset=dataset_obj, folds=folds, config=config, store=store_obj,
                           run_id=run_id, progress=progress)
-    folder = Path(config.results_dir) / run_id
+    folder = run_dir(config, run_id) if resume is not None else Path(config.results_dir) / run_id
     loop = _search_loop(config, evaluator, len(model_obj.blocks), len(folds), folder,
                         resumed=resume is not None, progress=progress)
+    evaluator.replay_pruning()  # evaluations before a restored checkpoint are not asked for again
     previous_status = store_obj.run(run_id)["status"] if resume is not None else None
     log.info("run %s: results in %s, store %s", run_id, folder, config.store_path)
     try:
@@ -193,6 +194,7 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
         outcome = loop.run()
         if config.ga.final_selection == "rescore_top_k":
             outcome = _rescore_top_k(config, evaluator, store_obj, run_id, len(folds), outcome)
+        return _finish_search(config, store_obj, run_id, folder, model_obj, outcome)
     except KeyboardInterrupt:
         store_obj.set_status(run_id, "finished" if previous_status == "finished" else "interrupted")
         log.warning("run %s interrupted; finished evaluations are kept: biotune search --resume %s",
@@ -201,7 +203,6 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
     except Exception:
         store_obj.set_status(run_id, "finished" if previous_status == "finished" else "failed")
         raise
-    return _finish_search(config, store_obj, run_id, folder, model_obj, outcome)
 
 
 def _refuse_changes_on_resume(run_id: str, **given) -> None:

@@ -116,6 +116,15 @@ class Evaluator:
         self.train_key = json.dumps([asdict(config.train), asdict(config.data), asdict(config.model)],
                                     sort_keys=True, default=str)
 
+    def replay_pruning(self) -> None:
+        """Feed the pruner the stored runs before ``seq``: a search restored from a checkpoint does
+        not ask for them again, yet an uninterrupted search's pruner saw them."""
+        if self.pruner is None or self.seq == 0:
+            return
+        for stored in self.store.evaluations(self.run_id).itertuples():
+            if stored.seq < self.seq and stored.train_runs:
+                self.pruner.replay(stored.fold, stored.per_seed)
+
     @property
     def worst(self) -> float:
         return WORST[self.config.ga.fitness]

@@ -32,12 +32,11 @@ if not hasattr(creator, "BioTuneIndividual"):
     creator.create("BioTuneIndividual", list, fitness=creator.BioTuneFitness, extinction=float,
                    momentum=list, fold=int)
 
-Evaluate = Callable[..., float]
+Evaluate = Callable[..., float]  # evaluate(genes, *, fold, generation, individual, role) -> fitness
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read back."""
-  # evaluate(genes, *, fold, generation, individual, role) -> fitness
 
 
 # ---------------------------------------------------------------------------------------------

@@ -274,7 +274,8 @@ def _read_state_dict(path: Path) -> StateDict:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, SafetensorError) as e:
+        # KeyError: torch's weights-only unpickler on a file that is not a pickle at all
         raise ValueError(
             f"weights file {path} cannot be read ({type(e).__name__}): it is not a checkpoint, or it "
             f"is truncated, or it pickles a whole model; {_EXPECTED_WEIGHTS}"

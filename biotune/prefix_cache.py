@@ -27,12 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .train import Part, autocast, image_part, memory_format
+from .train import Part, autocast, image_part, memory_format, set_train_mode
 
 log = logging.getLogger(__name__)
 
 HIT, MISS, NOT_APPLICABLE = "hit", "miss", "n/a"
-STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 class _Cut(Exception):
@@ -88,6 +87,7 @@ class PrefixCache:
         self.budget = cfg.prefix_cache_mb * 2**20
         self.entries: OrderedDict[tuple[int, int], CachedPrefix] = OrderedDict()
         self.cuts: dict[int, tuple[str, ...] | None] = {}  # k -> modules to skip, None: not exact
+        self.image_bytes: dict[int, int] = {}  # k -> bytes of one image's activations entering block k
         self.enabled = cfg.prefix_cache and cfg.frozen_bn == "eval"
 
     def get(self, plan, fold: int) -> tuple[CachedPrefix | None, str]:
@@ -101,12 +101,16 @@ class PrefixCache:
         skipped = self._cut(k)
         if skipped is None:
             return None, NOT_APPLICABLE
+        needed = self.image_bytes[k] * (len(self.folds[fold].train_idx) + len(self.folds[fold].val_idx))
+        if needed > self.budget:  # checked before computing: a paper-sized fold at 224 px would not fit
+            log.info("prefix cache: block %s's inputs for fold %d take %.0f MB, over train.prefix_cache_mb; "
+                     "trained in full", self.model.blocks[k].name, fold, needed / 2**20)
+            return None, NOT_APPLICABLE
         entry = CachedPrefix(k, skipped, self._part("train", self.folds[fold].train_idx, k),
                              self._part("val", self.folds[fold].val_idx, k))
-        if entry.nbytes <= self.budget:  # larger than the whole budget: used by this evaluation only
-            self.entries[(fold, k)] = entry
-            while sum(e.nbytes for e in self.entries.values()) > self.budget:
-                self.entries.popitem(last=False)
+        self.entries[(fold, k)] = entry
+        while self.nbytes > self.budget:
+            self.entries.popitem(last=False)
         return entry, MISS
 
     @property
@@ -175,8 +179,11 @@ class PrefixCache:
         before = [name for name in started if name not in running]
         skipped = tuple(name for name in before if not any(_within(name, other) and name != other
                                                            for other in before))
-        if any(_within(head, name) for head in self.model.head for name in skipped):
-            return None  # a head is initialised per seed (Inception's AuxLogits runs before later blocks)
+        frozen = {name for block in self.model.blocks[:k] for name in block.param_names}
+        owned = [f"{module}.{name}" for module in skipped for name, _ in net.get_submodule(module).named_parameters()]
+        if any(name not in frozen for name in owned) or any(_within(h, m) for h in self.model.head for m in skipped):
+            return None  # a skipped module holds parameters of a trained block, or a head (initialised per seed)
+        self.image_bytes[k] = activations[0].numel() * activations.element_size()
         return skipped if self._exact(net, skipped, batch, activations, k) else None
 
     @torch.no_grad()
@@ -188,10 +195,7 @@ class PrefixCache:
             cut = cut_network(copy.deepcopy(net), skipped)(activations).float()
         if not torch.allclose(whole, cut, rtol=1e-3, atol=1e-4 * (1 + whole.abs().max().item())):
             return False
-        net.train()
-        for module in net.modules():  # frozen blocks keep their BatchNorm statistics
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        set_train_mode(net, [net.get_submodule(m) for block in self.model.blocks[:k] for m in block.modules], "eval")
         hooks = self._hooked(net, k)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             in_training = [self._prefix(net, images) for torch_seed in (0, 1) if torch.manual_seed(torch_seed)]

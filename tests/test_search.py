@@ -264,3 +264,14 @@ def test_a_store_that_is_not_sqlite_or_is_truncated_is_refused(tmp_path, smoke_c
     path.write_bytes(content)
     with pytest.raises(StoreError, match="runs.sqlite is not a readable run store.*--store"):
         RunStore(path)
+
+
+def test_resuming_a_finished_run_whose_folder_was_removed_rewrites_it(smoke):
+    import shutil
+
+    result = biotune.search(**smoke, progress=False)
+    shutil.rmtree(result.folder)
+    again = biotune.search(resume=result.run_id, store=smoke["store"], progress=False)
+    assert (again.folder / "recipe.json").is_file() and again.best_genes == result.best_genes
+    with RunStore(smoke["store"]) as store:
+        assert store.run(result.run_id)["status"] == "finished"

@@ -74,14 +74,15 @@ def test_eviction_keeps_the_cache_within_its_budget(lite0):
     config, model, dataset, folds = lite0
     one = PrefixCache(model, dataset, folds, config.train)
     sizes = {k: one.get(plan_for(model, k), 0)[0].nbytes for k in (2, 3, 4)}
-    budget_mb = (sizes[3] + sizes[4]) / 2**20 * 1.01  # room for the two smaller prefixes, not all three
-    cache = PrefixCache(model, dataset, folds, dataclasses.replace(config.train, prefix_cache_mb=max(1, round(budget_mb))))
-    cache.budget = int(budget_mb * 2**20)
+    cache = PrefixCache(model, dataset, folds, config.train)
+    cache.budget = sizes[2] + sizes[3]  # room for any two of the three, not for all
     for k in (2, 3, 4):
         cache.get(plan_for(model, k), 0)
         assert cache.nbytes <= cache.budget
     assert list(cache.entries) == [(0, 3), (0, 4)]  # the least recently used went first
-    assert cache.get(plan_for(model, 2), 0)[1] == MISS
+    assert cache.get(plan_for(model, 2), 0)[1] == MISS and list(cache.entries) == [(0, 4), (0, 2)]
+    cache.budget = 1024  # a prefix larger than the whole budget is not computed at all
+    assert cache.get(plan_for(model, 5), 0) == (None, NOT_APPLICABLE)
 
 
 def test_a_search_records_prefix_cache_use_per_evaluation(tmp_path, smoke_config):
@@ -129,15 +130,16 @@ def test_pruning_stops_a_clearly_worse_run_and_never_a_better_one():
 def test_a_pruned_evaluation_is_stored_as_pruned_and_resumes_to_the_same_search(tmp_path, smoke_config,
                                                                               interrupted_search):
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"), "ga.prune": True,
-                 "ga.prune_warmup": 1, "ga.prune_percentile": 90.0, "ga.generations": 2, "ga.population": 4,
-                 "train.max_epochs": 3, "train.patience": 3}
+                 "ga.prune_warmup": 4, "ga.prune_percentile": 90.0, "ga.generations": 3, "ga.population": 4,
+                 "train.max_epochs": 3, "train.patience": 3, "ga.cache": False}
     reference = biotune.search(preset="smoke", store=tmp_path / "reference.sqlite", overrides=overrides, progress=False)
     assert (reference.evaluations["status"] == "pruned").any()
     pruned = reference.evaluations[reference.evaluations["status"] == "pruned"].iloc[0]
     assert pruned["fitness"] == pytest.approx(1 - pruned["val_macro_acc"])  # the fitness it had reached
     assert min(s["epochs"] for s in pruned["per_seed"]) < 3
 
-    store, run_id = interrupted_search(overrides, after_runs=7)
+    # past generation 0's checkpoint: the resumed pruner must also see the runs before it
+    store, run_id = interrupted_search(overrides, after_runs=11)
     resumed = biotune.search(resume=run_id, store=store, progress=False)
     columns = ["seq", "genes", "fold", "status", "fitness", "train_runs"]
     assert resumed.evaluations[columns].to_dict("records") == reference.evaluations[columns].to_dict("records")
