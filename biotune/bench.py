@@ -104,8 +104,7 @@ def method_costs(preset: str = "cpu", methods: tuple[str, ...] = ("full", "adafi
 
 
 def _evaluator(config: cfg.Config, changes: dict, model, dataset, folds, store_path: Path) -> Evaluator:
-    path_config = cfg.from_dict(config.to_dict())
-    cfg.merge(path_config, cfg.parse_overrides(changes), "bench")
+    path_config = cfg.validate(cfg.merge(cfg.from_dict(config.to_dict()), cfg.parse_overrides(changes), "bench"))
     store = RunStore(store_path)
     store.create_run("bench", kind="search", method="biotune", config=path_config.to_dict(), meta={})
     return Evaluator(model=model, dataset=dataset, folds=folds, config=path_config, store=store, run_id="bench",
@@ -129,12 +128,13 @@ def _plain_loop(model, dataset, plan, train_cfg: cfg.TrainConfig, fold) -> dict:
     preprocess = dataset.preprocess
     transform = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preprocess.mean, preprocess.std)])
 
-    def loader(split, index, shuffle: bool, batch_size: int, seed: int = 0):
-        images = [T.functional.to_pil_image(image) for image in split.images[torch.as_tensor(index)]]
-        labels = split.labels[torch.as_tensor(index)].tolist()
-        samples = [(image, label) for image, label in zip(images, labels)]
-        return torch.utils.data.DataLoader(_Transformed(samples, transform), batch_size=batch_size, shuffle=shuffle,
-                                           generator=torch.Generator().manual_seed(seed))
+    def samples(split, index) -> _Transformed:  # PIL images, made once, as a dataset read from disk would be
+        index = torch.as_tensor(index)
+        images = [T.functional.to_pil_image(image) for image in split.images[index]]
+        return _Transformed(list(zip(images, split.labels[index].tolist())), transform)
+
+    train_samples, val_samples = samples(dataset.train, fold.train_idx), samples(dataset.val, fold.val_idx)
+    val_loader = torch.utils.data.DataLoader(val_samples, batch_size=train_cfg.eval_batch_size)
 
     per_seed, images_seen, epochs_run = [], 0, 0
     for seed in train_cfg.seeds:
@@ -142,8 +142,8 @@ def _plain_loop(model, dataset, plan, train_cfg: cfg.TrainConfig, fold) -> dict:
         frozen = [net.get_submodule(m) for name in plan.frozen for m in model.block(name).modules]
         optimizer = torch.optim.Adam(plan_param_groups(net, model.blocks, plan, train_cfg.base_lr),
                                      lr=train_cfg.base_lr, weight_decay=train_cfg.weight_decay)
-        train_loader = loader(dataset.train, fold.train_idx, True, train_cfg.batch_size, seed)
-        val_loader = loader(dataset.val, fold.val_idx, False, train_cfg.eval_batch_size)
+        train_loader = torch.utils.data.DataLoader(train_samples, batch_size=train_cfg.batch_size, shuffle=True,
+                                                   generator=torch.Generator().manual_seed(seed))
         best, waited = -1.0, 0
         for epoch in range(train_cfg.max_epochs):
             set_train_mode(net, frozen, train_cfg.frozen_bn)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .train import Part, autocast, image_part, memory_format, set_train_mode
+from .train import Part, autocast, image_part, memory_format, resolve_device, set_train_mode
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class CachedPrefix:
 def cut_network(net: nn.Module, skipped: tuple[str, ...]) -> nn.Module:
     """``net`` with the ``skipped`` modules replaced by nn.Identity (in place)."""
     for name in skipped:
-        parent, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent), child, nn.Identity())
+        net.set_submodule(name, nn.Identity())
     return net
 
 
@@ -79,8 +78,6 @@ class PrefixCache:
     """Activations entering block k, per (fold, k), for one model, dataset and training config."""
 
     def __init__(self, model, dataset, folds, cfg):
-        from .train import resolve_device
-
         self.model, self.dataset, self.folds, self.cfg = model, dataset, folds, cfg
         self.device = resolve_device(cfg.device)
         self.fmt = memory_format(cfg.channels_last)
@@ -106,8 +103,9 @@ class PrefixCache:
             log.info("prefix cache: block %s's inputs for fold %d take %.0f MB, over train.prefix_cache_mb; "
                      "trained in full", self.model.blocks[k].name, fold, needed / 2**20)
             return None, NOT_APPLICABLE
-        entry = CachedPrefix(k, skipped, self._part("train", self.folds[fold].train_idx, k),
-                             self._part("val", self.folds[fold].val_idx, k))
+        net = self._net()  # one copy serves both parts
+        entry = CachedPrefix(k, skipped, self._part(net, "train", self.folds[fold].train_idx, k),
+                             self._part(net, "val", self.folds[fold].val_idx, k))
         self.entries[(fold, k)] = entry
         while self.nbytes > self.budget:
             self.entries.popitem(last=False)
@@ -137,9 +135,8 @@ class PrefixCache:
             return cut.activations.contiguous(memory_format=self.fmt) if cut.activations.dim() == 4 else cut.activations
         raise RuntimeError("the network never reached the hooked block")  # e.g. a block run only in training
 
-    def _part(self, split: str, index, k: int) -> Part:
+    def _part(self, net: nn.Module, split: str, index, k: int) -> Part:
         images = image_part(self.dataset, split, index, self.device)
-        net = self._net()
         hooks = self._hooked(net, k)
         chunks = [self._prefix(net, batch) for batch, _ in
                   images.batches(images.order, self.cfg.eval_batch_size, self.device, self.fmt)]

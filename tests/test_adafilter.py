@@ -12,7 +12,7 @@ from torch import nn
 
 import biotune
 from biotune.methods import get_method
-from biotune.methods.adafilter import AdaFilterNet, _replace
+from biotune.methods.adafilter import AdaFilterNet
 from biotune.models import create_model
 from biotune.train import fresh_net
 
@@ -35,9 +35,9 @@ def fine_tuned_network(net: AdaFilterNet, pretrained: nn.Module) -> nn.Module:
     """The plain network with every gated conv and its BN replaced by the fine-tuned copies."""
     plain = copy.deepcopy(pretrained)
     for (conv, bn), layer in zip(net.pairs, net.gated_layers()):
-        _replace(plain, conv, copy.deepcopy(layer.tuned))
+        plain.set_submodule(conv, copy.deepcopy(layer.tuned))
         if bn:
-            _replace(plain, bn, copy.deepcopy(layer.bn_tuned))
+            plain.set_submodule(bn, copy.deepcopy(layer.bn_tuned))
     return plain
 
 

@@ -130,9 +130,9 @@ class AdaFilterNet(nn.Module):
         self.gates = GateNetwork([c.in_channels for c in convs], [c.out_channels for c in convs], d,
                                  gumbel_temperature)
         for index, (conv, bn) in enumerate(pairs):
-            _replace(net, conv, GatedConv(modules[conv], modules[bn] if bn else None, self.gates, index))
+            net.set_submodule(conv, GatedConv(modules[conv], modules[bn] if bn else None, self.gates, index))
             if bn:
-                _replace(net, bn, nn.Identity())  # its normalisation now happens in each path
+                net.set_submodule(bn, nn.Identity())  # its normalisation now happens in each path
         self.net = net
         self.pairs = pairs  # (conv, its BatchNorm or None) in forward order
         self.pretrained_bns = pretrained_bns + [f"{conv}.bn_pretrained" for conv, bn in pairs if bn]
@@ -161,11 +161,6 @@ class AdaFilterNet(nn.Module):
             yield self
         finally:
             self.gates.fixed = previous
-
-
-def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent), child, module)
 
 
 @torch.no_grad()
