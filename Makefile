@@ -17,7 +17,7 @@ help:  ## list targets
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,notebooks]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,notebooks,ray]'
 	$(BIN)/python -m ipykernel install --user --name biotune --display-name "Python (biotune)" >/dev/null
 	touch $(STAMP)
 

@@ -4,22 +4,23 @@ A row is a searcher (``biotune``, ``random``, ``tpe``, ``cmaes``: search, then t
 protocol) or a baseline (``full``, ``lp_ft``, ...). ``run_method`` looks for the same row in
 the run store first: a finished run is returned as is, an unfinished one is resumed. So a
 notebook or a batch that was killed part-way continues where it stopped when rerun, and
-rerunning a finished notebook trains nothing. ``run_many`` runs a list of rows, optionally in
-parallel processes (one GPU serves several small runs at once), and goes on past a failed row.
+rerunning a finished notebook trains nothing. ``run_many`` runs a list of rows, optionally at
+once in processes or Ray tasks (one GPU serves several small runs at once), and goes on past a
+failed row.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import multiprocessing
+import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
 
 from . import config as cfg
+from .executors import TaskFailure, make_executor
 from .experiment import final, run_baseline, run_overrides, search
 from .ga import evaluation_schedule
 from .methods import METHODS
@@ -68,30 +69,35 @@ def _with_searcher(overrides: list[str] | dict | None, searcher: str) -> list[st
     return [*(overrides or []), f"ga.searcher={searcher}"]
 
 
-def run_many(rows: list[dict], *, jobs: int = 1, store: str | Path | None = None,
-             progress: bool = False) -> pd.DataFrame:
+def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus_per_row: float = 0.0,
+             store: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
     """Run experiment rows (dicts with ``method`` and optionally ``dataset``, ``model``,
     ``preset``, ``overrides``, ``config_file``, ``label``); return one line per row with its run
-    id, or its error when it failed. ``jobs > 1`` runs rows in that many spawned processes."""
+    id, or its error when it failed.
+
+    ``jobs > 1`` runs that many rows at once, each a call of the executor (executors.py):
+    ``executor="process"`` in spawned processes on this machine, ``"ray"`` as Ray tasks, each
+    asking for ``gpus_per_row`` GPUs. A row that raises is retried once (it resumes where it
+    stopped, ``run_method``) and then reported failed; the other rows go on. Each row writes the
+    run store itself, so the store must be a file every worker can reach.
+    """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if executor not in cfg.CHOICES["run.executor"]:
+        raise ValueError(f"executor must be one of {', '.join(cfg.CHOICES['run.executor'])}, got {executor!r}")
     problems = [problem for row in rows for problem in _row_problems(row)]
     if problems:  # a typo fails now, not after hours of good rows
         raise ValueError("experiment rows that cannot run:\n  " + "\n  ".join(problems))
+    run = cfg.validate(cfg.Config(run=cfg.RunConfig(executor="serial" if jobs == 1 and executor == "process" else executor,
+                                                     workers=jobs, gpus_per_run=gpus_per_row))).run
     outcomes = [None] * len(rows)
-    if jobs == 1:
-        for index, row in enumerate(rows):
-            outcomes[index] = _run_row(row, store, progress)
-    else:
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_run_row, row, store, False): index for index, row in enumerate(rows)}
-            for future in as_completed(futures):
-                try:
-                    outcomes[futures[future]] = future.result()
-                except Exception as error:  # noqa: BLE001 - a worker killed (memory, signal) fails its row
-                    outcomes[futures[future]] = {"run_id": None, "status": "failed", "seconds": None,
-                                                 "error": f"worker died: {type(error).__name__}: {error}"}
+    store = str(Path(store).resolve()) if store is not None else None
+    with make_executor(run, cfg.TrainConfig()) as pool:
+        shared = (store, progress and pool.name == "serial", str(Path.cwd()))
+        for index, outcome in pool.map(_run_row, [(row,) for row in rows], shared):
+            if isinstance(outcome, TaskFailure):
+                outcome = {"run_id": None, "status": "failed", "error": outcome.error, "seconds": None}
+            outcomes[index] = outcome
     return pd.DataFrame([{"label": row.get("label"), "method": row["method"], "dataset": row.get("dataset"),
                           "model": row.get("model"), **outcome} for row, outcome in zip(rows, outcomes)])
 
@@ -112,29 +118,32 @@ def _row_problems(row: dict) -> list[str]:
     return []
 
 
-def _run_row(row: dict, store, progress: bool) -> dict:
-    """One row; an exception becomes the row's error so the other rows still run."""
+def _run_row(shared: tuple, row: dict) -> dict:
+    """One row, in the driver's working folder (relative data and results paths mean the same
+    there); an exception goes to the executor, which retries the row once."""
+    store, progress, folder = shared
+    os.chdir(folder)
     started = time.time()
     arguments = {k: v for k, v in row.items() if k not in ("method", "label")}
     try:
         run_id = run_method(row["method"], store=store, progress=progress, **arguments)
-    except Exception as error:  # noqa: BLE001 - reported in the summary, the batch goes on
+    except Exception as error:
         log.error("row %s failed: %s: %s", row, type(error).__name__, error)
-        return {"run_id": None, "status": "failed", "error": f"{type(error).__name__}: {error}",
-                "seconds": round(time.time() - started, 1)}
+        raise
     return {"run_id": run_id, "status": "ok", "error": None, "seconds": round(time.time() - started, 1)}
 
 
 def ablation_rows(preset: str, dataset: str | None = None, model: str | None = None, *,
                   populations: list[int] = (4, 6, 10, 20), encodings: list[str] = ("no_lr_genes", "no_freezing"),
-                  reference: bool = True, rescore: bool = True, prune: bool = True,
+                  reference: bool = True, rescore: bool = True, prune: bool = True, generational: bool = True,
                   searchers: list[str] = ("random", "tpe", "cmaes"),
                   overrides: dict | None = None) -> list[dict]:
     """The ablation study's rows for ``run_many``: BioTune as the preset has it; without LR genes
     and without freezing; each population size at the preset's number of generations and at the
     preset's budget of evaluations; the released code's GA variant; the final pick re-scored on
     every fold (``ga.final_selection = rescore_top_k``); early abandoning of trailing training
-    runs (``ga.prune``); the searchers at BioTune's budget. Rows equal to another row's config are left out (they would be the same run); each
+    runs (``ga.prune``); generational breeding (``ga.breeding``, all children of a generation
+    evaluated at once, at the same budget); the searchers at BioTune's budget. Rows equal to another row's config are left out (they would be the same run); each
     row's label is ``report.variant`` of its config, the name the figures use."""
     overrides = dict(overrides or {})
     base = cfg.resolve(preset, overrides=run_overrides(dataset, model, overrides, None)).ga
@@ -147,6 +156,8 @@ def ablation_rows(preset: str, dataset: str | None = None, model: str | None = N
         changes.append({"ga.final_selection": "rescore_top_k"})
     if prune:
         changes.append({"ga.prune": True})
+    if generational:
+        changes.append({"ga.breeding": "generational"})
     for population in populations:
         sizes = {"ga.population": population, "ga.elites": min(base.elites, population - 1)}
         same_budget = generations_for_budget(base, population, sizes["ga.elites"], budget, n_folds)

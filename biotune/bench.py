@@ -17,6 +17,7 @@ fold 0), interleaved genome by genome so a machine that slows down slows every p
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -79,6 +80,64 @@ def run_bench(preset: str = "cpu", evaluations: int = 3, overrides: list[str] | 
     summary = _summary(table, config, len(folds[0].train_idx))
     if json_file is not None:
         Path(json_file).write_text(json.dumps({"summary": summary, "rows": table.to_dict("records")}, indent=2))
+    return table, summary
+
+
+PARALLEL = (("serial", 1, None), ("serial", 1, "per worker"), ("process", 1, None), ("process", 2, None),
+            ("ray", 1, None), ("ray", 2, None))
+
+
+def parallel_bench(preset: str = "demo", overrides: list[str] | None = None,
+                   json_file: str | Path | None = None, runs=PARALLEL) -> tuple[pd.DataFrame, dict]:
+    """One search timed with each executor and worker count, one after another in this process:
+    seconds, evaluations per minute and speed-up over the serial run, and whether the search's
+    evaluations equal those of the serial run with the same torch threads per training run (a
+    run's floats depend on its threads: ``train.num_threads``, else cores / workers). ``runs``:
+    (executor, workers, threads) with threads None (the default) or "per worker" (a serial run
+    on the threads each of two workers gets). Ray's start-up is timed on its own."""
+    from .executors import make_executor, threads_per_run
+    from .experiment import search
+
+    base = cfg.resolve(preset, overrides=overrides)
+    rows, serial_by_threads = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        for executor, workers, threads in runs:
+            changes = {"run.executor": executor, "run.workers": workers, "results_dir": f"{folder}/results"}
+            if threads == "per worker":
+                changes["train.num_threads"] = threads_per_run(cfg.RunConfig(workers=2), base.train)
+            config = cfg.resolve(preset, overrides=[*(overrides or []), *(f"{k}={v}" for k, v in changes.items())])
+            ray_start = None
+            if executor == "ray" and "ray_start_seconds" not in {k for row in rows for k in row}:
+                started = time.perf_counter()
+                make_executor(config.run, config.train)  # starts the local Ray the searches then share
+                ray_start = time.perf_counter() - started
+            started = time.perf_counter()
+            result = search(preset=preset, overrides=[*(overrides or []), *(f"{k}={v}" for k, v in changes.items())],
+                            store=Path(folder) / f"{len(rows)}.sqlite", progress=False)
+            seconds = time.perf_counter() - started
+            evaluations = result.evaluations[["seq", "genes", "fold", "fitness", "train_runs"]].to_dict("records")
+            run_threads = threads_per_run(config.run, config.train) if executor != "serial" else (
+                config.train.num_threads or torch.get_num_threads())
+            if executor == "serial":
+                serial_by_threads[run_threads] = (seconds, evaluations)
+            reference = serial_by_threads.get(run_threads)
+            rows.append({"executor": executor, "workers": workers, "threads_per_run": run_threads,
+                         "seconds": round(seconds, 1), "evaluations": len(evaluations),
+                         "evaluations_per_minute": round(60 * len(evaluations) / seconds, 2),
+                         "train_runs": int(result.evaluations["train_runs"].sum()),
+                         "best_fitness": result.best_fitness,
+                         "equals_serial_same_threads": None if reference is None else reference[1] == evaluations,
+                         **({"ray_start_seconds": round(ray_start, 1)} if ray_start is not None else {})})
+    table = pd.DataFrame(rows)
+    serial_seconds = table["seconds"].iloc[0]
+    table["speedup_vs_serial"] = (serial_seconds / table["seconds"]).round(2)
+    summary = {"preset": preset, "model": base.model.name, "device": str(resolve_device(base.train.device)),
+               "cores": os.cpu_count(), "serial_seconds": float(serial_seconds),
+               "speedup_vs_serial": {f"{r.executor} x{r.workers}": float(r.speedup_vs_serial)
+                                     for r in table.iloc[1:].itertuples()}}
+    if json_file is not None:
+        Path(json_file).write_text(json.dumps({"summary": summary, "rows": table.to_dict("records")}, indent=2,
+                                              default=str))
     return table, summary
 
 

@@ -37,7 +37,23 @@ def _print_table(frame: pd.DataFrame) -> None:
         print(frame.to_string(index=False))
 
 
+def _add_executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=cfg.CHOICES["run.executor"],
+                        help="where training runs execute (default serial); same as --run.executor")
+    parser.add_argument("--workers", type=int, metavar="N", help="training runs at once; same as --run.workers")
+
+
+def _executor_overrides(args) -> list[str]:
+    pairs = []
+    if getattr(args, "executor", None):
+        pairs.append(f"run.executor={args.executor}")
+    if getattr(args, "workers", None) is not None:
+        pairs.append(f"run.workers={args.workers}")
+    return pairs
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    _add_executor_options(parser)
     parser.add_argument("--dataset", help="dataset name (biotune datasets) or a path: .npz, .csv or an image folder")
     parser.add_argument("--model", help="model name (biotune models) or any timm model name")
     parser.add_argument("--preset", choices=PRESETS, help="config preset (default: cpu)")
@@ -70,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     final = sub.add_parser("final", help="final protocol (docs/algorithm.md §7) for a finished search")
     final.add_argument("run_id")
     final.add_argument("--quiet", action="store_true")
+    _add_executor_options(final)
 
     baseline = sub.add_parser("baseline", help="a baseline through the same final protocol")
     baseline.add_argument("--method", required=True, help="full, linear_probe, lp_ft, l2_sp, l1_sp, autorgn, lora, adafilter")
@@ -84,12 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="small search + final protocol vs full FT and linear probing")
     demo.add_argument("--preset", default="demo", choices=PRESETS)
     demo.add_argument("--quiet", action="store_true")
+    _add_executor_options(demo)
 
     bench = sub.add_parser("bench", help="seconds per fitness evaluation: a plain PyTorch loop, the levers off, "
                                          "the exact levers, pruning, side by side")
-    bench.add_argument("--preset", default="cpu", choices=PRESETS)
+    bench.add_argument("--preset", choices=PRESETS, help="default: cpu (demo with --parallel)")
     bench.add_argument("--evaluations", type=int, default=3, help="random genomes besides full fine-tuning")
     bench.add_argument("--json", metavar="FILE", help="also write every row and the summary of ratios here")
+    bench.add_argument("--parallel", action="store_true",
+                       help="instead: one search with each executor (serial, process, ray; 1 and 2 workers), "
+                            "side by side (default preset here: demo)")
     bench.add_argument("--methods", nargs="+", metavar="METHOD",
                        help="instead: one training run of each method side by side, e.g. --methods full adafilter")
 
@@ -115,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if rest and args.command not in ("search", "baseline", "bench"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    overrides = _overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
+    overrides = (_overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
+                 + _executor_overrides(args))
     try:
         return _run(args, overrides)
     # Bad input of every kind (config, data, store, checkpoint, plan) raises one of these with a
@@ -158,9 +180,11 @@ def _run(args, overrides: list[str]) -> int:
         for block, value in recipe_table(result.recipe).items():
             print(f"  {block:24s} {value}")
         if args.final:
-            _print_table(experiment.final(result.run_id, store=args.store, progress=progress))
+            _print_table(experiment.final(result.run_id, store=args.store, progress=progress,
+                                          overrides=_executor_overrides(args)))
     elif args.command == "final":
-        _print_table(experiment.final(args.run_id, store=args.store, progress=progress))
+        _print_table(experiment.final(args.run_id, store=args.store, progress=progress,
+                                      overrides=_executor_overrides(args)))
     elif args.command == "baseline":
         run_id, finals = experiment.run_baseline(args.method, args.dataset, args.model, args.preset or "cpu",
                                                  config_file=args.config, overrides=overrides,
@@ -174,14 +198,20 @@ def _run(args, overrides: list[str]) -> int:
     elif args.command == "compare":
         _print_table(experiment.compare(args.run_ids, store=args.store))
     elif args.command == "demo":
-        table, folder = experiment.demo(preset=args.preset, store=args.store, progress=progress)
+        table, folder = experiment.demo(preset=args.preset, store=args.store, progress=progress, overrides=overrides)
         _print_table(table)
         print(f"convergence figure and tables: {folder}")
     elif args.command == "notebooks":
         return _notebooks(args)
     elif args.command == "bench":
-        from .bench import method_costs, run_bench
+        from .bench import method_costs, parallel_bench, run_bench
 
+        if args.parallel:
+            table, summary = parallel_bench(args.preset or "demo", overrides, json_file=args.json)
+            _print_table(table)
+            print(json.dumps(summary, indent=2))
+            return 0
+        args.preset = args.preset or "cpu"
         if args.methods:
             _print_table(method_costs(args.preset, tuple(args.methods), overrides).round(3))
             return 0

@@ -31,6 +31,8 @@ Encoding = Literal["full", "no_lr_genes", "no_freezing"]
 GAVariant = Literal["improved", "reference"]
 SearcherName = Literal["biotune", "random", "tpe", "cmaes"]
 FinalSelection = Literal["best_so_far", "rescore_top_k"]
+Breeding = Literal["steady", "generational"]
+ExecutorName = Literal["serial", "process", "ray"]
 Device = Annotated[str, Strict(), Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")]
 
 
@@ -106,6 +108,21 @@ class GAConfig:
     prune: Flag = False
     prune_percentile: Annotated[float, Strict(), Field(gt=0, lt=100)] = 50.0  # 50: the median pruner
     prune_warmup: Annotated[int, Strict(), Field(ge=0)] = 4
+    # "steady": each child is evaluated before the next is bred (its fitness decides which parents
+    # leave the pool, docs/algorithm.md §5c); "generational": all N - E children are bred from one
+    # snapshot of the pool and evaluated at once (another algorithm; parallel, same budget).
+    breeding: Breeding = "steady"
+
+
+@dataclass
+class RunConfig:
+    """Where training runs execute (biotune/executors.py). Results do not depend on it, so it
+    may change on ``--resume`` and is not part of the config a finished row is reused by."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    executor: ExecutorName = "serial"
+    workers: Count = 1  # training runs at once (process, ray)
+    gpus_per_run: NonNegative = 0.0  # ray: GPUs each training run asks for; 0.25 packs four on one GPU
 
 
 @dataclass
@@ -116,6 +133,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ga: GAConfig = field(default_factory=GAConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     results_dir: Text = "results"
     store: Text | None = None  # SQLite file; None: <results_dir>/runs.sqlite
 
@@ -129,7 +147,8 @@ class Config:
 
 CHOICES = {"train.frozen_bn": get_args(FrozenBN), "ga.fitness": get_args(Fitness),
            "ga.encoding": get_args(Encoding), "ga.ga_variant": get_args(GAVariant),
-           "ga.searcher": get_args(SearcherName), "ga.final_selection": get_args(FinalSelection)}
+           "ga.searcher": get_args(SearcherName), "ga.final_selection": get_args(FinalSelection),
+           "ga.breeding": get_args(Breeding), "run.executor": get_args(ExecutorName)}
 
 # Presets override the defaults (which are the paper's recipe). The cpu values were chosen so a
 # whole cpu run (search + final for BioTune, full fine-tuning and linear probing) on one dataset
@@ -299,6 +318,12 @@ def validate(config: Config) -> Config:
     ga = checked.ga
     if ga.elites >= ga.population:
         raise ConfigError(f"ga.elites must be >= 0 and smaller than ga.population ({ga.population}), got {ga.elites}")
+    if checked.run.gpus_per_run and checked.run.executor != "ray":
+        raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} needs run.executor=ray (Ray gives each "
+                          "training run its share of a GPU); the serial and process executors use train.device")
+    if checked.run.gpus_per_run and checked.train.device in ("cpu", "mps"):
+        raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} with train.device={checked.train.device}: "
+                          "set train.device=auto or cuda, or run.gpus_per_run=0")
     if Path(checked.results_dir).exists() and not Path(checked.results_dir).is_dir():
         raise ConfigError(f"results_dir={checked.results_dir!r} is a file; run folders need a folder "
                           "(pass --results-dir DIR)")

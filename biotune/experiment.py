@@ -7,6 +7,7 @@ the final results and a convergence figure (docs/algorithm.md §9).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import platform
@@ -24,6 +25,7 @@ import pandas as pd
 
 from . import config as cfg
 from .data import load_dataset, make_folds
+from .executors import TaskFailure, make_executor
 from .fitness import Evaluator
 from .ga import BioTuneGA, GAResult, rescore_top_k
 from .genome import decode, make_recipe, num_genes, recipe_table, save_recipe
@@ -163,13 +165,16 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
 
     ``ga.searcher`` picks BioTune's GA (default) or a baseline at its budget (random, tpe, cmaes);
     the run's method in the store is that name. ``preset`` defaults to ``cpu``; a resumed run
-    keeps its stored config, so ``resume`` takes no dataset, model, preset, file or overrides.
+    keeps its stored config, so ``resume`` takes no dataset, model, preset, file or overrides
+    other than the executor's (``run.*``: the results do not depend on it).
     ``biotune.search("digits", "tf_efficientnet_lite0", preset="cpu", overrides={"ga.population": 8})``
     """
     if resume is not None:
+        run_settings, other = split_run_settings(overrides)
         _refuse_changes_on_resume(resume, dataset=dataset, model=model, preset=preset,
-                                  config_file=config_file, overrides=overrides)
+                                  config_file=config_file, overrides=other)
         config, store_obj = _resumed_config(resume, store)
+        config = with_run_settings(config, run_settings)
         run_id = resume
     else:
         config = cfg.resolve(preset or "cpu", config_file, run_overrides(dataset, model, overrides, store))
@@ -179,8 +184,9 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
     model_obj, dataset_obj = load_inputs(config)
     folds = make_folds(dataset_obj.train.labels, dataset_obj.val.labels, config.ga.train_split,
                        seed=config.data.split_seed)
+    executor = make_executor(config.run, config.train)
     evaluator = Evaluator(model=model_obj, dataset=dataset_obj, folds=folds, config=config, store=store_obj,
-                          run_id=run_id, progress=progress)
+                          run_id=run_id, progress=progress, executor=executor)
     folder = run_dir(config, run_id) if resume is not None else Path(config.results_dir) / run_id
     loop = _search_loop(config, evaluator, len(model_obj.blocks), len(folds), folder,
                         resumed=resume is not None, progress=progress)
@@ -203,6 +209,22 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
     except Exception:
         store_obj.set_status(run_id, "finished" if previous_status == "finished" else "failed")
         raise
+    finally:
+        executor.close()
+
+
+def split_run_settings(overrides: list[str] | dict | None) -> tuple[dict, dict]:
+    """The executor's settings (``run.*``) apart from the other overrides: a stored run's config
+    may change them (they do not change results), nothing else."""
+    nested = cfg.parse_overrides(overrides or [])
+    run_settings = nested.pop("run", {})
+    if not isinstance(run_settings, dict):
+        raise cfg.ConfigError(f"run must be a mapping of keys, got {run_settings!r}")
+    return run_settings, nested
+
+
+def with_run_settings(config: cfg.Config, run_settings: dict) -> cfg.Config:
+    return cfg.validate(cfg.merge(config, {"run": run_settings}, "override")) if run_settings else config
 
 
 def _refuse_changes_on_resume(run_id: str, **given) -> None:
@@ -211,7 +233,8 @@ def _refuse_changes_on_resume(run_id: str, **given) -> None:
     if changes:
         raise cfg.ConfigError(
             f"--resume {run_id} continues the run with its stored config; it takes no "
-            f"{', '.join(changes)} (given). To change the config, start a new run without --resume.")
+            f"{', '.join(changes)} (given) other than the executor's run.* settings. To change the config, "
+            "start a new run without --resume.")
 
 
 def _search_loop(config: cfg.Config, evaluator: Evaluator, num_blocks: int, n_folds: int, folder: Path, *,
@@ -280,7 +303,7 @@ def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, ou
                "recipe": recipe_table(recipe), "trainable_share": recipe["trainable_share"],
                "evaluations": len(evaluations), "train_runs": int(evaluations["train_runs"].sum()),
                "cache_hits": int(evaluations["cache_hit"].sum()),
-               "failed": int((evaluations["status"] == "diverged").sum()),
+               "failed": int(evaluations["status"].isin(["diverged", "failed"]).sum()),
                "pruned": int((evaluations["status"] == "pruned").sum()),
                "prefix_cache_hits": int((evaluations["prefix_cache"] == "hit").sum()),
                "seconds": float(evaluations["seconds"].sum()), "generations": outcome.logbook,
@@ -303,40 +326,62 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
     the best mean validation macro accuracy is marked ``selected`` and the others stay in the
     table, so the grid's cost is counted. Rows already in the store are kept, so an interrupted
     final protocol resumes too. ``inputs`` is ``load_inputs(config)``, loaded by the caller
-    before the run exists, so bad data leaves no run behind.
+    before the run exists, so bad data leaves no run behind. The settings and seeds go through
+    the run's executor (``run.executor``); each row is stored as it finishes, and a run whose
+    training raised twice is stored as failed and tried again by the next call.
     """
     model, dataset = inputs
     grid = grid if grid is not None else make_method().grid
     finished = store.finals(run_id)
     folder = run_dir(config, run_id)
-    for setting in grid:
-        key = json.dumps(setting, sort_keys=True)
-        method = make_method(**setting)
-        for seed in config.train.seeds:
-            if ((finished["method"] == method_name) & (finished["setting"] == key) & (finished["seed"] == seed)).any():
-                continue
-            result = method.fit(model, dataset, config.train, seed, keep_net=True, progress=progress)
-            row = {"method": method_name, "setting": key, "seed": seed, "status": result.status,
-                   "trainable_share": result.trainable_params / model.num_params, "seconds": result.seconds,
-                   "train_runs": result.train_runs, "best_epoch": result.best_epoch, "epochs": result.epochs,
-                   "val_macro_acc": result.val.get("macro_acc")}
-            if result.ok:
-                test = evaluate(result.net, dataset, "test", batch_size=config.train.eval_batch_size,
-                                amp=config.train.amp)
-                row.update(test_macro_acc=test["macro_acc"], test_top1=test["top1"], test_loss=test["loss"])
-                report = method.test_report(result.net, dataset, config.train.eval_batch_size)
-                if report is not None:  # appended before the row is stored: a kill loses none (a rerun repeats it)
-                    name, table = report
-                    table.assign(setting=key, seed=seed).to_csv(folder / name, mode="a", index=False,
-                                                                 header=not (folder / name).is_file())
+    todo = [(json.dumps(setting, sort_keys=True), setting, seed) for setting in grid for seed in config.train.seeds]
+    done = finished[(finished["method"] == method_name) & (finished["status"] != "failed")]
+    todo = [(key, setting, seed) for key, setting, seed in todo
+            if not ((done["setting"] == key) & (done["seed"] == seed)).any()]
+    with make_executor(config.run, config.train) as executor:
+        calls = [(make_method, setting, seed, progress and executor.name == "serial") for _, setting, seed in todo]
+        shared = executor.share((model, dataset, config.train))
+        for index, outcome in executor.map(final_run, calls, shared):  # stored as each finishes
+            key, _, seed = todo[index]
+            if isinstance(outcome, TaskFailure):  # stored as failed; a rerun of the protocol tries it again
+                outcome = {"row": {"status": "failed", "train_runs": 0, "trainable_share": 0.0,
+                                   "seconds": 0.0}, "report": None}
+            row = {"method": method_name, "setting": key, "seed": seed, **outcome["row"]}
+            if outcome["report"] is not None:  # appended before the row is stored: a kill loses none (a rerun repeats it)
+                name, table = outcome["report"]
+                table.assign(setting=key, seed=seed).to_csv(folder / name, mode="a", index=False,
+                                                             header=not (folder / name).is_file())
             store.add_final(run_id, row)
     finals = store.select_final_setting(run_id, method_name)
     finals.to_csv(folder / "final.csv", index=False)
     return finals
 
 
-def final(run_id: str, *, store: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
-    """Final protocol for a finished search: retrain its best genome per seed, test it."""
+def final_run(shared: tuple, make_method, setting: dict, seed: int, progress: bool = False) -> dict:
+    """One setting and seed of the final protocol, in whichever process the executor picked: the
+    finals row (without method, setting and seed) and the method's test report, as plain data."""
+    model, dataset, train_config = shared
+    method = make_method(**setting)
+    result = method.fit(model, dataset, train_config, seed, keep_net=True, progress=progress)
+    row = {"status": result.status, "trainable_share": result.trainable_params / model.num_params,
+           "seconds": result.seconds, "train_runs": result.train_runs, "best_epoch": result.best_epoch,
+           "epochs": result.epochs, "val_macro_acc": result.val.get("macro_acc")}
+    report = None
+    if result.ok:
+        test = evaluate(result.net, dataset, "test", batch_size=train_config.eval_batch_size, amp=train_config.amp)
+        row.update(test_macro_acc=test["macro_acc"], test_top1=test["top1"], test_loss=test["loss"])
+        report = method.test_report(result.net, dataset, train_config.eval_batch_size)
+    return {"row": row, "report": report}
+
+
+def final(run_id: str, *, store: str | Path | None = None, progress: bool = True,
+          overrides: list[str] | dict | None = None) -> pd.DataFrame:
+    """Final protocol for a finished search: retrain its best genome per seed, test it.
+    ``overrides`` may set the executor only (``run.executor``, ``run.workers``, ...)."""
+    run_settings, other = split_run_settings(overrides)
+    if other:
+        raise cfg.ConfigError(f"the final protocol uses the search's stored config; only run.* settings (the "
+                              f"executor) may change, got {', '.join(other)}")
     store_obj = RunStore(store)
     run = store_obj.run(run_id)
     if run["kind"] != "search":
@@ -344,12 +389,10 @@ def final(run_id: str, *, store: str | Path | None = None, progress: bool = True
     if run["status"] != "finished":
         raise ValueError(f"run {run_id} is {run['status']}, not finished; resume it first: "
                          f"biotune search --resume {run_id}")
-    config = cfg.from_dict(run["config"])
+    config = with_run_settings(cfg.from_dict(run["config"]), run_settings)
     genes = run["result"]["best_genes"]
 
-    def best_genome():
-        return PlanMethod(lambda model: decode(genes, [b.name for b in model.blocks], config.ga.encoding))
-
+    best_genome = functools.partial(PlanMethod, genes, config.ga.encoding)
     return final_protocol(config, load_inputs(config), store_obj, run_id, run["method"], best_genome,
                           progress=progress)
 
@@ -400,12 +443,14 @@ def compare(run_ids: list[str], *, store: str | Path | None = None) -> pd.DataFr
     return readable(summary(store, run_ids))[columns]
 
 
-def demo(preset: str = "demo", *, store: str | Path | None = None, progress: bool = True) -> tuple[pd.DataFrame, Path]:
+def demo(preset: str = "demo", *, store: str | Path | None = None, progress: bool = True,
+         overrides: list[str] | dict | None = None) -> tuple[pd.DataFrame, Path]:
     """A small search on the embedded default, then BioTune, full fine-tuning and linear probing
-    through the final protocol; returns the comparison table and the search's run folder."""
-    result = search(preset=preset, store=store, progress=progress)
-    final(result.run_id, store=store, progress=progress)
-    baselines = [run_baseline(method, preset=preset, store=store, progress=progress)[0]
+    through the final protocol; returns the comparison table and the search's run folder.
+    ``overrides`` apply to every run (e.g. ``{"run.executor": "ray", "run.workers": 2}``)."""
+    result = search(preset=preset, store=store, progress=progress, overrides=overrides)
+    final(result.run_id, store=store, progress=progress, overrides={"run": split_run_settings(overrides)[0]})
+    baselines = [run_baseline(method, preset=preset, store=store, progress=progress, overrides=overrides)[0]
                  for method in ("full", "linear_probe")]
     table = compare([result.run_id, *baselines], store=store)
     table.to_csv(result.folder / "comparison.csv", index=False)

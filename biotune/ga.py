@@ -116,28 +116,53 @@ def random_genome(num_genes: int, num_blocks: int, encoding: str, rng: random.Ra
             return genes
 
 
-def evaluation_schedule(config: GAConfig, n_folds: int) -> list[tuple[int, int]]:
-    """(generation, fold) of every evaluation BioTuneGA makes for this config, in order.
+def evaluation_batches(config: GAConfig, n_folds: int) -> list[tuple[int, int, int]]:
+    """(generation, fold, size) of the batches BioTuneGA evaluates for this config, in order: the
+    evaluations of a batch are proposed before any of them is scored, so they can run at once.
 
-    The initial population: N evaluations on fold 0 (generation -1). Generation t, on fold
+    The initial population: one batch of N on fold 0 (generation -1). Generation t, on fold
     t mod n_folds: the improved variant first re-scores the E elites when the fold differs from
-    the previous generation's (every t >= 1 with several folds), then 2E exploitation trials and
-    N - E new members. In all N + T(N + E) evaluations, plus those re-scores (the reference
-    variant skips the 2 trials of an elite that trains no block, as the released code does, so
-    there it is an upper bound). The search
-    baselines spend exactly this budget on exactly these folds (searchers.py); a test checks the
-    schedule against the loop itself, so the two cannot drift apart.
+    the previous generation's (every t >= 1 with several folds), then one batch of 2E exploitation
+    trials, then the N - E new members: one at a time with steady breeding (each child's fitness
+    decides which parents leave the pool), one batch with generational breeding. In all
+    N + T(N + E) evaluations, plus those re-scores (the reference variant skips the 2 trials of an
+    elite that trains no block, as the released code does, so there it is an upper bound). With
+    steady breeding, the random members that fill a generation once the pool has two members left
+    are a batch of their own; that depends on the fitnesses, so the schedule counts them singly.
+    The search baselines spend exactly this budget in these batches on these folds
+    (searchers.py); a test checks the schedule against the loop itself.
     """
-    schedule = [(-1, 0)] * config.population
+    batches = [(-1, 0, config.population)]
+    children = config.population - config.elites
     for t in range(config.generations):
         fold, previous_fold = t % n_folds, (t - 1) % n_folds if t else 0
-        rescores = config.elites if config.ga_variant == "improved" and fold != previous_fold else 0
-        schedule += [(t, fold)] * (rescores + 2 * config.elites + config.population - config.elites)
-    return schedule
+        if config.ga_variant == "improved" and fold != previous_fold and config.elites:
+            batches.append((t, fold, config.elites))
+        if config.elites:
+            batches.append((t, fold, 2 * config.elites))
+        batches += [(t, fold, children)] if config.breeding == "generational" else [(t, fold, 1)] * children
+    return batches
+
+
+def evaluation_schedule(config: GAConfig, n_folds: int) -> list[tuple[int, int]]:
+    """(generation, fold) of every evaluation BioTuneGA makes for this config, in order
+    (``evaluation_batches``, one entry per evaluation)."""
+    return [(generation, fold) for generation, fold, size in evaluation_batches(config, n_folds)
+            for _ in range(size)]
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def score_many(evaluate: Evaluate, requests: list[dict]) -> list[float]:
+    """Fitness of genomes proposed before any of them is scored (dicts of genes, fold, generation,
+    individual, role), in order; an evaluator with ``evaluate_many`` (fitness.Evaluator) may
+    train them at once, any other is called once per genome."""
+    evaluate_many = getattr(evaluate, "evaluate_many", None)
+    if evaluate_many is not None and requests:
+        return evaluate_many(requests)
+    return [evaluate(request["genes"], **{k: v for k, v in request.items() if k != "genes"}) for request in requests]
 
 
 @dataclass
@@ -152,13 +177,15 @@ class GAResult:
 def rescore_top_k(evaluate: Evaluate, candidates: list[tuple[list[float], float]], *, n_folds: int,
                   generation: int) -> tuple[dict, list[dict]]:
     """Selection on the same footing: each candidate (genes, its search fitness) is evaluated on
-    every fold, and the best mean fitness wins (ties: the earlier candidate). The best fitness
+    every fold (one batch), and the best mean fitness wins (ties: the earlier candidate). The best fitness
     seen during a search compares genomes measured on different folds, so a genome that met an
     easy fold can win on luck; here every candidate meets every fold."""
+    fitness = score_many(evaluate, [{"genes": genes, "fold": fold, "generation": generation, "individual": index,
+                                     "role": "final_select"}
+                                    for index, (genes, _) in enumerate(candidates) for fold in range(n_folds)])
     table = []
     for index, (genes, search_fitness) in enumerate(candidates):
-        per_fold = [evaluate(genes, fold=fold, generation=generation, individual=index, role="final_select")
-                    for fold in range(n_folds)]
+        per_fold = fitness[index * n_folds: (index + 1) * n_folds]
         table.append({"genes": list(genes), "search_fitness": search_fitness, "fold_fitness": per_fold,
                       "mean_fitness": statistics.fmean(per_fold)})
     return min(table, key=lambda row: row["mean_fitness"]), table
@@ -225,19 +252,24 @@ class BioTuneGA:
         self.evaluations = 0
 
     # -- evaluation helpers --------------------------------------------------------------------
-    def _score(self, genes, *, fold, generation, individual, role) -> float:
-        self.evaluations += 1
-        return self.evaluate(clip(genes), fold=fold, generation=generation, individual=individual, role=role)
+    def _score_many(self, requests: list[dict]) -> list[float]:
+        self.evaluations += len(requests)
+        return score_many(self.evaluate, [{**request, "genes": clip(request["genes"])} for request in requests])
 
-    def _random_individual(self, *, fold, generation, individual, role) -> object:
-        genes = random_genome(self.num_genes, self.num_blocks, self.cfg.encoding, self.rng)
-        return make_individual(genes, self._score(genes, fold=fold, generation=generation,
-                                              individual=individual, role=role), fold=fold)
+    def _score(self, genes, **where) -> float:
+        return self._score_many([{"genes": genes, **where}])[0]
+
+    def _random_members(self, *, fold, generation, first_index, count, role) -> list:
+        """``count`` random genomes, drawn in order, then scored as one batch."""
+        drawn = [random_genome(self.num_genes, self.num_blocks, self.cfg.encoding, self.rng) for _ in range(count)]
+        fitness = self._score_many([{"genes": genes, "fold": fold, "generation": generation,
+                                     "individual": first_index + i, "role": role} for i, genes in enumerate(drawn)])
+        return [make_individual(genes, value, fold=fold) for genes, value in zip(drawn, fitness)]
 
     # -- §5 steps ------------------------------------------------------------------------------
     def initialise(self) -> None:
-        self.population = [self._random_individual(fold=0, generation=-1, individual=i, role="init")
-                           for i in range(self.cfg.population)]
+        self.population = self._random_members(fold=0, generation=-1, first_index=0, count=self.cfg.population,
+                                               role="init")
         self.population.sort(key=fitness_of)
         _set_extinction(self.population, variant_allows=self.improved)  # released code: all stay 0
         self._record(generation=-1, fold=0)
@@ -245,11 +277,12 @@ class BioTuneGA:
     def _rescore_elites(self, generation: int, fold: int) -> None:
         """Improved variant: elites measured on another fold are re-evaluated on this one."""
         elites = self.population[: self.cfg.elites]
-        for index, elite in enumerate(elites):
-            if elite.fold != fold:
-                elite.fitness.values = (self._score(elite, fold=fold, generation=generation,
-                                                    individual=index, role="rescore"),)
-                elite.fold = fold
+        stale = [(index, elite) for index, elite in enumerate(elites) if elite.fold != fold]
+        fitness = self._score_many([{"genes": elite, "fold": fold, "generation": generation, "individual": index,
+                                     "role": "rescore"} for index, elite in stale])
+        for (_, elite), value in zip(stale, fitness):
+            elite.fitness.values = (value,)
+            elite.fold = fold
         self.population[: self.cfg.elites] = sorted(elites, key=fitness_of)
 
     def _exploit(self, generation: int, fold: int) -> None:
@@ -261,31 +294,36 @@ class BioTuneGA:
         restored (improved: +d is kept if it beats the elite); the kept gene is stored unclipped
         (improved: clipped, as it was evaluated).
         """
+        moves = []  # (elite, gene, +d value, -d value), all drawn before any trial is scored
         for index, elite in enumerate(self.population[: self.cfg.elites]):
             candidates = trained_genes(list(elite), self.num_blocks, self.cfg.encoding)
             if not candidates and not self.improved:
                 continue
             gene = self.rng.choice(candidates or range(self.num_blocks))
             step = self.cfg.exploit_step * self.rng.uniform(-1, 1)
-            trials = []
-            for value in (elite[gene] + step, elite[gene] - step):
+            moves.append((index, elite, gene, elite[gene] + step, elite[gene] - step))
+        requests = []
+        for index, elite, gene, plus_value, minus_value in moves:
+            for value in (plus_value, minus_value):
                 genes = list(elite)
                 genes[gene] = value
-                trials.append((self._score(genes, fold=fold, generation=generation, individual=index,
-                                           role="exploit"), value))
-            (plus, plus_value), (minus, minus_value) = trials
+                requests.append({"genes": genes, "fold": fold, "generation": generation, "individual": index,
+                                 "role": "exploit"})
+        fitness = self._score_many(requests)
+        for (_, elite, gene, plus_value, minus_value), plus, minus in zip(moves, fitness[::2], fitness[1::2]):
             if self.improved:
-                fitness, value = (plus, plus_value) if plus <= minus else (minus, minus_value)
+                value, new_fitness = (plus_value, plus) if plus <= minus else (minus_value, minus)
             elif plus == minus:
                 continue
             else:
-                fitness, value = (plus, plus_value) if plus < minus else (minus, minus_value)
-            if fitness < fitness_of(elite):
+                value, new_fitness = (plus_value, plus) if plus < minus else (minus_value, minus)
+            if new_fitness < fitness_of(elite):
                 elite[gene] = min(1.0, max(0.0, value)) if self.improved else value
-                elite.fitness.values = (fitness,)
+                elite.fitness.values = (new_fitness,)
                 elite.fold = fold
 
-    def _child(self, pool: list, generation: int, fold: int, index: int):
+    def _breed(self, pool: list) -> tuple[list[float], list[float], object, object]:
+        """A child's genes and momentum from two rank-selected parents and a prototype (§5b-c)."""
         n = len(pool)
         first = rank_select(n, self.rng)
         second = rank_select(n, self.rng)
@@ -299,12 +337,30 @@ class BioTuneGA:
         momentum = [self.rng.random() * m + (g - c) for m, g, c in zip(momentum, genes, after_crossover)]
         if self.cfg.momentum:
             genes = clip([g + m for g, m in zip(genes, momentum)])
+        return genes, momentum, p1, p2
+
+    def _child(self, pool: list, generation: int, fold: int, index: int):
+        """Steady breeding: the child is scored at once, and parents it beats leave the pool."""
+        genes, momentum, p1, p2 = self._breed(pool)
         child = make_individual(genes, self._score(genes, fold=fold, generation=generation, individual=index,
-                                               role="child"), fold=fold, momentum=momentum)
+                                                   role="child"), fold=fold, momentum=momentum)
         for parent in (p1, p2):
             if fitness_of(parent) > fitness_of(child):  # by identity: two members may share genes
                 del pool[next(i for i, member in enumerate(pool) if member is parent)]
         return child
+
+    def _generational_children(self, generation: int, fold: int) -> list:
+        """``ga.breeding = generational``: the N - E children bred from one snapshot of the whole
+        population (no parent leaves the pool), then scored as one batch."""
+        pool, first = list(self.population), self.cfg.elites
+        if len(pool) <= 2:
+            return self._random_members(fold=fold, generation=generation, first_index=first,
+                                        count=self.cfg.population - first, role="random")
+        bred = [self._breed(pool)[:2] for _ in range(self.cfg.population - first)]
+        fitness = self._score_many([{"genes": genes, "fold": fold, "generation": generation, "individual": first + i,
+                                     "role": "child"} for i, (genes, _) in enumerate(bred)])
+        return [make_individual(genes, value, fold=fold, momentum=momentum)
+                for (genes, momentum), value in zip(bred, fitness)]
 
     def generation(self, t: int) -> None:
         fold = t % self.n_folds
@@ -312,14 +368,14 @@ class BioTuneGA:
             self._rescore_elites(t, fold)
         self._exploit(t, fold)
         new_population = [self.population[i] for i in range(self.cfg.elites)]
+        if self.cfg.breeding == "generational":
+            new_population += self._generational_children(t, fold)
         pool = list(self.population)
-        while len(new_population) < self.cfg.population:
-            index = len(new_population)
-            if len(pool) > 2:
-                new_population.append(self._child(pool, t, fold, index))
-            else:
-                new_population.append(self._random_individual(fold=fold, generation=t, individual=index,
-                                                               role="random"))
+        while len(new_population) < self.cfg.population and len(pool) > 2:
+            new_population.append(self._child(pool, t, fold, len(new_population)))
+        if len(new_population) < self.cfg.population:  # two members left in the pool: random ones fill up
+            new_population += self._random_members(fold=fold, generation=t, first_index=len(new_population),
+                                                   count=self.cfg.population - len(new_population), role="random")
         new_population.sort(key=fitness_of)
         _set_extinction(new_population)
         self.population = new_population

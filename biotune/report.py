@@ -49,6 +49,8 @@ def variant(config: dict) -> str:
         parts.append(f"re-scored top {ga['rescore_k']}")
     if ga.get("prune"):
         parts.append("pruned")
+    if ga.get("breeding", "steady") != "steady":
+        parts.append(f"{ga['breeding']} breeding")
     sizes = {key: preset.get(key, getattr(default, key)) for key in ("population", "generations", "elites")}
     if ga["population"] != sizes["population"] or ga["generations"] != sizes["generations"]:
         parts.append(f"N={ga['population']}, T={ga['generations']}")

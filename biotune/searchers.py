@@ -8,6 +8,10 @@ evaluations.
 - Budget: exactly the evaluations BioTuneGA makes for the same config,
   ``ga.evaluation_schedule(config, n_folds)``: N + T(N + E), plus in the improved variant the E
   elite re-scores of every generation whose fold differs from the previous one's.
+- Batches: the same as BioTune's (``ga.evaluation_batches``): a searcher asks for a batch of
+  genomes, they are scored (at once, where the executor runs several), then it is told every
+  fitness. So the initial N, the E re-scores and the 2E exploitation trials are batches, and the
+  N - E children are batches of one (steady breeding) or one batch (generational).
 - Folds: trial k is evaluated on the fold of BioTune's evaluation k in that schedule (fold
   rotation as in BioTune, not one fixed fold), so both see the same folds, in the same order and
   proportions. A sampler is told every fitness as one objective whatever its fold: it sees the
@@ -36,7 +40,6 @@ BioTuneGA's logbook, so the run's outputs and convergence figure are the same as
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import logging
 import random
 
@@ -58,10 +61,10 @@ class RandomGenomes:
         self.num_genes, self.num_blocks, self.encoding = num_genes, num_blocks, config.encoding
         self.rng = random.Random(config.seed)
 
-    def ask(self) -> list[float]:
-        return ga.random_genome(self.num_genes, self.num_blocks, self.encoding, self.rng)
+    def ask(self, count: int) -> list[list[float]]:
+        return [ga.random_genome(self.num_genes, self.num_blocks, self.encoding, self.rng) for _ in range(count)]
 
-    def tell(self, fitness: float) -> None:
+    def tell(self, fitness: list[float]) -> None:
         """Random search learns nothing from a fitness."""
 
 
@@ -71,14 +74,16 @@ class OptunaGenomes:
     def __init__(self, sampler: optuna.samplers.BaseSampler, *, num_genes: int):
         self.study = optuna.create_study(direction="minimize", sampler=sampler)
         self.num_genes = num_genes
-        self.trial: optuna.Trial | None = None
+        self.trials: list[optuna.Trial] = []
 
-    def ask(self) -> list[float]:
-        self.trial = self.study.ask()
-        return [self.trial.suggest_float(f"g{i}", 0.0, 1.0) for i in range(self.num_genes)]
+    def ask(self, count: int) -> list[list[float]]:
+        """A batch of trials, all asked before any is told (the sampler sees them running)."""
+        self.trials = [self.study.ask() for _ in range(count)]
+        return [[trial.suggest_float(f"g{i}", 0.0, 1.0) for i in range(self.num_genes)] for trial in self.trials]
 
-    def tell(self, fitness: float) -> None:
-        self.study.tell(self.trial, fitness)
+    def tell(self, fitness: list[float]) -> None:
+        for trial, value in zip(self.trials, fitness):
+            self.study.tell(trial, value)
 
 
 def proposer(name: str, *, num_genes: int, num_blocks: int, config: GAConfig):
@@ -106,27 +111,34 @@ class Searcher:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial
         self.name, self.evaluate, self.progress = name, evaluate, progress
         self.genomes = proposer(name, num_genes=num_genes, num_blocks=num_blocks, config=config)
+        self.batches = ga.evaluation_batches(config, n_folds)
         self.schedule = ga.evaluation_schedule(config, n_folds)
 
     def run(self) -> ga.GAResult:
         log.info("%s search: %d evaluations, BioTune's budget for this config", self.name, len(self.schedule))
-        records, everyone = [], []
+        records, everyone, individual = [], [], 0
         with tqdm(total=len(self.schedule), desc=f"{self.name} evaluations", disable=not self.progress) as bar:
-            for (generation, fold), slots in itertools.groupby(self.schedule):
-                population = []
-                for individual, _ in enumerate(slots):
-                    genes = self.genomes.ask()
-                    fitness = self.evaluate(genes, fold=fold, generation=generation, individual=individual,
-                                            role="trial")
-                    self.genomes.tell(fitness)
-                    population.append(ga.make_individual(genes, fitness, fold=fold))
-                    bar.update()
+            for position, (generation, fold, size) in enumerate(self.batches):
+                genomes = self.genomes.ask(size)
+                fitness = ga.score_many(self.evaluate, [
+                    {"genes": genes, "fold": fold, "generation": generation, "individual": individual + i,
+                     "role": "trial"} for i, genes in enumerate(genomes)])
+                self.genomes.tell(fitness)
+                population = [ga.make_individual(genes, value, fold=fold) for genes, value in zip(genomes, fitness)]
                 everyone += population
-                records.append(_record(generation, fold, population, everyone))
-                bar.set_postfix(best=f"{records[-1]['best_so_far']:.4f}")
+                bar.update(size)
+                last_of_generation = position + 1 == len(self.batches) or self.batches[position + 1][0] != generation
+                individual = 0 if last_of_generation else individual + size
+                if last_of_generation:
+                    generation_members = everyone[len(everyone) - self.generation_size(generation):]
+                    records.append(_record(generation, fold, generation_members, everyone))
+                    bar.set_postfix(best=f"{records[-1]['best_so_far']:.4f}")
         best = min(everyone, key=ga.fitness_of)
         return ga.GAResult(best_genes=list(best), best_fitness=ga.fitness_of(best), logbook=records,
                            evaluations=len(everyone))
+
+    def generation_size(self, generation: int) -> int:
+        return sum(size for g, _, size in self.batches if g == generation)
 
 
 def _record(generation: int, fold: int, population: list, everyone: list) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import Config
+from .config import Config, ConfigError, from_dict
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -80,7 +80,7 @@ JSON_COLUMNS = ("genes", "trained", "multipliers", "per_seed")
 # Where a run is written or executed, not what it computes: a search made on a GPU box is reused
 # on a laptop, whatever the data folder or thread count.
 REUSE_IGNORES = ("store", "results_dir", "data.root", "data.download", "model.allow_download", "train.device",
-                 "train.num_threads")
+                 "train.num_threads", "run")  # run: the executor, which does not change results
 
 
 class RunNotFoundError(KeyError):
@@ -174,7 +174,7 @@ class RunStore:
             (method, config["data"]["dataset"], config["model"]["name"], config["preset"])).fetchall()
         for (run_id,) in rows:
             run = self.run(run_id)
-            if _comparable(run["config"]) == wanted and all(run["meta"].get(k) == v for k, v in (meta_match or {}).items()):
+            if _comparable(_with_defaults(run["config"])) == wanted and all(run["meta"].get(k) == v for k, v in (meta_match or {}).items()):
                 return run
         return None
 
@@ -276,13 +276,24 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
             db.execute("ALTER TABLE evaluations ADD COLUMN prefix_cache TEXT NOT NULL DEFAULT 'n/a'")
 
 
+def _with_defaults(stored: dict) -> dict:
+    """A stored config with the keys added since it was stored, at their defaults (which keep
+    the earlier behaviour), so a run made before a new option existed is still reused."""
+    try:
+        return from_dict(stored).to_dict()
+    except ConfigError:  # a value no longer valid: this run cannot match a valid config
+        return stored
+
+
 def _comparable(config: dict) -> dict:
     """``config`` without the ``REUSE_IGNORES`` settings (sections are one level deep)."""
     kept = {}
     for key, value in config.items():
+        if key in REUSE_IGNORES:
+            continue
         if isinstance(value, dict):
             kept[key] = {k: v for k, v in value.items() if f"{key}.{k}" not in REUSE_IGNORES}
-        elif key not in REUSE_IGNORES:
+        else:
             kept[key] = value
     return kept
 

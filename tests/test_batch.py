@@ -87,8 +87,9 @@ def test_ablation_rows_cover_each_variant_once_at_the_stated_budgets():
 
     labels = [row["label"] for row in rows]
     assert len(set(labels)) == len(labels)
-    assert labels[:6] == ["BioTune", "BioTune (no LR genes)", "BioTune (no freezing)", "BioTune (reference GA)",
-                          "BioTune (re-scored top 3)", "BioTune (pruned)"]
+    assert labels[:7] == ["BioTune", "BioTune (no LR genes)", "BioTune (no freezing)", "BioTune (reference GA)",
+                          "BioTune (re-scored top 3)", "BioTune (pruned)", "BioTune (generational breeding)"]
+    assert spent(rows[6]) == spent(rows[0])  # generational breeding: the same budget
     assert labels[-3:] == ["random search", "TPE", "CMA-ES"]
     budget = spent(rows[0])
     assert all(spent(row) == budget for row in rows if row["method"] != "biotune")

@@ -116,15 +116,32 @@ def fake_run(history: list[float]):
     return train_run
 
 
+def run_pruned(pruner, fold: int, history: list[float]) -> TrainResult:
+    """A run compared with the fold's runs so far, then added to them, as a batch of one is."""
+    result = fake_run(history)(pruner.snapshot(fold).stop_early())
+    pruner.add(fold, [{"status": result.status, "history": [h["val_macro_acc"] for h in result.history]}])
+    return result
+
+
 def test_pruning_stops_a_clearly_worse_run_and_never_a_better_one():
     pruner = fitness.Pruner(cfg.GAConfig(prune=True, prune_warmup=3, prune_percentile=50.0))
     for history in ([0.70, 0.80, 0.85], [0.72, 0.82, 0.86], [0.68, 0.79, 0.84]):
-        assert pruner.run(0, fake_run(history)).status == "ok"  # the warm-up runs are never pruned
-    worse = pruner.run(0, fake_run([0.30, 0.40, 0.50]))
+        assert run_pruned(pruner, 0, history).status == "ok"  # the warm-up runs are never pruned
+    worse = run_pruned(pruner, 0, [0.30, 0.40, 0.50])
     assert worse.status == "pruned" and worse.epochs == 1
-    better = pruner.run(0, fake_run([0.75, 0.85, 0.90]))
+    better = run_pruned(pruner, 0, [0.75, 0.85, 0.90])
     assert better.status == "ok" and better.epochs == 3
-    assert pruner.run(1, fake_run([0.30, 0.40, 0.50])).status == "ok"  # another fold: its own warm-up
+    assert run_pruned(pruner, 1, [0.30, 0.40, 0.50]).status == "ok"  # another fold: its own warm-up
+
+
+def test_runs_of_one_batch_are_compared_with_the_runs_before_it_only():
+    pruner = fitness.Pruner(cfg.GAConfig(prune=True, prune_warmup=3, prune_percentile=50.0))
+    snapshot = pruner.snapshot(0)  # a batch starts: nothing finished on the fold yet
+    for history in ([0.70, 0.80, 0.85], [0.72, 0.82, 0.86], [0.68, 0.79, 0.84]):
+        pruner.add(0, [{"status": "ok", "history": history}])
+    # the batch's fourth run still sees no finished run, whatever order its runs finish in
+    assert fake_run([0.30, 0.40, 0.50])(snapshot.stop_early()).status == "ok"
+    assert fake_run([0.30, 0.40, 0.50])(pruner.snapshot(0).stop_early()).status == "pruned"
 
 
 def test_a_pruned_evaluation_is_stored_as_pruned_and_resumes_to_the_same_search(tmp_path, smoke_config,

@@ -69,15 +69,18 @@ class Method:
 
 
 class PlanMethod(Method):
-    """Trains a given plan as it is: BioTune's best genome in the final protocol."""
+    """Trains a genome's plan as it is: BioTune's best genome in the final protocol. Holds the
+    genes, not a function, so it can be sent to a worker process."""
 
     name = "biotune"
 
-    def __init__(self, plan_for):
-        self._plan_for = plan_for
+    def __init__(self, genes: list[float], encoding: str):
+        self.genes, self.encoding = list(genes), encoding
 
     def plan(self, model) -> FineTunePlan:
-        return self._plan_for(model)
+        from ..genome import decode
+
+        return decode(self.genes, [b.name for b in model.blocks], self.encoding)
 
 
 def get_method(name: str, **hyperparameters) -> Method:

@@ -1,0 +1,241 @@
+"""Where training runs execute (``run.executor``): this process, local worker processes, or Ray.
+
+The fitness evaluations of a search, the final protocol and a batch of experiment rows hand
+their training runs to ``Executor.map`` and read each result as it finishes; nothing else in the
+code knows which executor runs them. Every executor keeps the same rules:
+
+- A call is ``function(shared, *arguments)``. ``shared`` is the large read-only input (the model
+  and the dataset): the process pool sends its tensors through shared memory, Ray puts it in its
+  object store once.
+- A call that raises is retried once; if the retry raises too, its result is a ``TaskFailure``
+  naming the error, and the other calls go on. A worker process that dies counts as a raise.
+- Workers return plain results; only the caller writes the run store (SQLite has one writer).
+- The results do not depend on the executor: a training run depends only on its inputs, its seed
+  and its threads (``threads_per_run``).
+
+Ray is imported only when ``run.executor = ray`` asks for it. A Ray task that asks for a GPU runs
+in a worker that exits after the task (``max_calls=1``, so its CUDA memory goes back to the
+device, the remedy Ray's documentation gives); the task also empties torch's cache before it
+returns. CPU tasks reuse their workers.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from .config import ConfigError, RunConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 2  # a call that raises is retried once
+
+
+@dataclass
+class TaskFailure:
+    """The result of a call that raised on every attempt."""
+
+    error: str  # "TypeName: message" of the last attempt
+
+    def __str__(self) -> str:
+        return f"failed after {ATTEMPTS} attempts: {self.error}"
+
+
+def threads_per_run(run: RunConfig, train: TrainConfig) -> int:
+    """Torch CPU threads of one training run: ``train.num_threads``, else this machine's cores
+    shared among the runs that go at once (one run: all of them)."""
+    return train.num_threads or max(1, (os.cpu_count() or 1) // run.workers)
+
+
+def make_executor(run: RunConfig, train: TrainConfig) -> Executor:
+    if run.executor == "serial":
+        return SerialExecutor()
+    threads = threads_per_run(run, train)
+    log.info("%s executor: %d training runs at once, %d torch threads each%s", run.executor, run.workers, threads,
+             "" if train.num_threads else " (train.num_threads unset: cores / workers; a run's floats depend on "
+             "its threads, so compare with a serial run on as many threads)")
+    if run.executor == "process":
+        return ProcessExecutor(workers=run.workers, threads=threads)
+    return RayExecutor(workers=run.workers, threads=threads, gpus_per_run=run.gpus_per_run)
+
+
+class Executor:
+    """``map`` runs calls and yields ``(index, result or TaskFailure)`` as each finishes."""
+
+    name = "executor"
+    workers = 1
+
+    def share(self, value):
+        """A handle on ``value`` for ``map``'s ``shared``; sent to workers once where possible."""
+        return value
+
+    def map(self, function: Callable, calls: Sequence[tuple], shared=None) -> Iterator[tuple[int, object]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the workers this executor started."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _log_failure(function: Callable, arguments: tuple, error: str, retrying: bool) -> None:
+    what = "retrying once" if retrying else "recorded as failed"
+    log.error("%s%s raised %s; %s", getattr(function, "__name__", function), _short(arguments), error, what)
+
+
+def _short(arguments: tuple) -> str:
+    text = repr(arguments)
+    return text if len(text) < 200 else text[:197] + "...)"
+
+
+class SerialExecutor(Executor):
+    """Every call in this process, one after another, in order."""
+
+    name = "serial"
+
+    def map(self, function, calls, shared=None):
+        for index, arguments in enumerate(calls):
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    result = function(shared, *arguments)
+                    break
+                except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
+                    log.debug("%s", traceback.format_exc())
+                    _log_failure(function, arguments, _describe(error), retrying=attempt < ATTEMPTS)
+                    result = TaskFailure(_describe(error))
+            yield index, result
+
+
+def _start_process_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class ProcessExecutor(Executor):
+    """A pool of ``workers`` spawned processes on this machine (spawn: CUDA cannot be used in
+    forked children). Tensors in ``shared`` go through torch's shared memory, not copies."""
+
+    name = "process"
+
+    def __init__(self, workers: int, threads: int):
+        self.workers, self.threads = workers, threads
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            import torch.multiprocessing  # registers the shared-memory reductions for tensors  # noqa: F401
+
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_process_worker, initargs=(self.threads,))
+        return self.pool
+
+    def map(self, function, calls, shared=None):
+        attempts = dict.fromkeys(range(len(calls)), 0)
+        running: dict = {}  # future -> (call index, the pool it went to)
+
+        def submit(index: int) -> None:
+            attempts[index] += 1
+            pool = self._pool()
+            running[pool.submit(function, shared, *calls[index])] = (index, pool)
+
+        for index in range(len(calls)):
+            submit(index)
+        while running:
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                index, pool = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool as error:
+                    # A worker died and broke its pool: every call pending there fails like this.
+                    # The first one read starts a new pool; each is resubmitted there once.
+                    if pool is self.pool:
+                        self.pool.shutdown(wait=False, cancel_futures=True)
+                        self.pool = None
+                    failure = f"worker process died ({error})"
+                except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
+                    failure = _describe(error)
+                else:
+                    yield index, result
+                    continue
+                retry = attempts[index] < ATTEMPTS
+                _log_failure(function, calls[index], failure, retrying=retry)
+                if retry:
+                    submit(index)
+                else:
+                    yield index, TaskFailure(failure)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _ray_call(function, shared, arguments, threads: int):
+    """A Ray task: the call on ``threads`` torch threads, on the GPU Ray assigned (it sets
+    CUDA_VISIBLE_DEVICES, so the task's "cuda" is that device), then torch's cache emptied."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        return function(shared, *arguments)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class RayExecutor(Executor):
+    """Ray core tasks, at most ``workers`` at once, each asking for ``threads`` CPUs and
+    ``gpus_per_run`` GPUs (fractions pack several runs on one GPU). Connects to the cluster in
+    ``RAY_ADDRESS`` when set, to a Ray already started in this process, or starts a local one."""
+
+    name = "ray"
+
+    def __init__(self, workers: int, threads: int, gpus_per_run: float = 0.0):
+        try:
+            import ray
+        except ImportError as error:
+            raise ConfigError(f"run.executor=ray needs Ray ({error}): pip install -c constraints.txt -e '.[ray]'") from None
+        self.ray, self.workers, self.threads = ray, workers, threads
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=True)
+            else:  # a local cluster with room for the asked concurrency
+                ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=False)
+        self.task = ray.remote(num_cpus=threads, num_gpus=gpus_per_run, max_retries=ATTEMPTS - 1,
+                               retry_exceptions=True, max_calls=1 if gpus_per_run else 0)(_ray_call)
+
+    def share(self, value):
+        return self.ray.put(value)
+
+    def map(self, function, calls, shared=None):
+        ray = self.ray
+        waiting, running = list(range(len(calls))), {}
+        while waiting or running:
+            while waiting and len(running) < self.workers:
+                index = waiting.pop(0)
+                running[self.task.remote(function, shared, calls[index], self.threads)] = index
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            index = running.pop(done)
+            try:
+                result = ray.get(done)
+            except ray.exceptions.RayError as error:  # raised twice (retried once by Ray), or its worker died twice
+                cause = getattr(error, "cause", None)
+                failure = _describe(cause) if isinstance(cause, BaseException) else _describe(error).splitlines()[0]
+                _log_failure(function, calls[index], failure, retrying=False)
+                result = TaskFailure(failure)
+            yield index, result

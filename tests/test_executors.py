@@ -1,0 +1,281 @@
+"""Executors (biotune/executors.py): serial, a process pool and a local Ray give the same search,
+stored under the same sequence numbers; failures are retried once; Ray is imported only when asked."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import biotune
+from biotune import config as cfg
+from biotune import fitness, ga
+from biotune.executors import (
+    ProcessExecutor,
+    RayExecutor,
+    SerialExecutor,
+    TaskFailure,
+    make_executor,
+)
+from biotune.store import RunStore
+
+COLUMNS = ["seq", "generation", "individual", "role", "fold", "genes", "status", "fitness", "train_runs", "cache_hit"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray on this machine's two cores, shared by the tests of this module."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
+    yield ray
+    ray.shutdown()
+
+
+def search_overrides(smoke_config, tmp_path, **extra) -> dict:
+    """A smoke search with two seeds per evaluation, pruning, the evaluation cache and a final
+    re-score: every kind of batch the executors see."""
+    return {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"),
+            "ga.population": 4, "ga.generations": 3, "ga.elites": 1, "train.seeds": [0, 1], "train.max_epochs": 2,
+            "train.patience": 2, "ga.prune": True, "ga.prune_warmup": 2, "ga.final_selection": "rescore_top_k",
+            "ga.rescore_k": 2, "train.num_threads": 1, **extra}
+
+
+def run_search(tmp_path, name: str, overrides: dict):
+    return biotune.search(preset="smoke", store=tmp_path / f"{name}.sqlite", overrides=overrides, progress=False)
+
+
+# -- the seam -------------------------------------------------------------------------------------
+
+
+def flaky(shared, counter: str, failures: int) -> str:
+    """Raises on its first ``failures`` calls (counted in a file, so across processes)."""
+    path = Path(counter)
+    calls = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(calls))
+    if calls <= failures:
+        raise RuntimeError(f"call {calls} fails")
+    return f"{shared} after {calls} calls"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["serial", "process", "ray"])
+def test_a_call_that_raises_is_retried_once_then_reported_and_the_others_go_on(kind, tmp_path, request):
+    if kind == "ray":
+        request.getfixturevalue("local_ray")
+        executor = RayExecutor(workers=2, threads=1)
+    else:
+        executor = SerialExecutor() if kind == "serial" else ProcessExecutor(workers=2, threads=1)
+    calls = [(str(tmp_path / "once"), 1), (str(tmp_path / "always"), 5), (str(tmp_path / "never"), 0)]
+    with executor:
+        results = dict(executor.map(flaky, calls, executor.share("shared")))
+    assert results[0] == "shared after 2 calls"  # the retry succeeded
+    assert isinstance(results[1], TaskFailure) and "RuntimeError: call 2 fails" in results[1].error
+    assert (tmp_path / "always").read_text() == "2"  # one retry, not more
+    assert results[2] == "shared after 1 calls"
+
+
+def test_make_executor_follows_the_run_section():
+    train = cfg.TrainConfig(num_threads=1)
+    assert isinstance(make_executor(cfg.RunConfig(), train), SerialExecutor)
+    pool = make_executor(cfg.RunConfig(executor="process", workers=2), train)
+    assert isinstance(pool, ProcessExecutor) and pool.workers == 2 and pool.threads == 1
+
+
+def test_ray_missing_is_a_clear_config_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(cfg.ConfigError, match=r"run.executor=ray needs Ray .*pip install"):
+        make_executor(cfg.RunConfig(executor="ray", workers=2), cfg.TrainConfig())
+
+
+def test_import_biotune_and_a_serial_search_do_not_import_ray(tmp_path, smoke_config):
+    code = ("import sys, biotune\n"
+            f"biotune.search(preset='smoke', store={str(tmp_path / 's.sqlite')!r}, progress=False, overrides="
+            f"{{'data.root': {smoke_config.data.root!r}, 'results_dir': {str(tmp_path / 'results')!r}}})\n"
+            "assert 'ray' not in sys.modules, 'ray was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# -- the same search, whichever executor ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor, searcher", [("process", "biotune"), ("ray", "biotune"), ("ray", "tpe")])
+def test_a_search_gives_the_serial_evaluations_with_every_executor(executor, searcher, tmp_path, smoke_config,
+                                                                   request):
+    if executor == "ray":
+        request.getfixturevalue("local_ray")
+    overrides = search_overrides(smoke_config, tmp_path, **{"ga.searcher": searcher})
+    serial = run_search(tmp_path, "serial", overrides)
+    parallel = run_search(tmp_path, executor, {**overrides, "run.executor": executor, "run.workers": 2})
+    assert parallel.evaluations[COLUMNS].to_dict("records") == serial.evaluations[COLUMNS].to_dict("records")
+    assert parallel.best_genes == serial.best_genes and parallel.best_fitness == serial.best_fitness
+    if searcher == "biotune":  # the batches really held several runs, some pruned, some from the cache
+        assert (serial.evaluations["status"] == "pruned").any()
+        assert (serial.evaluations["role"] == "final_select").sum() == 2 * 2
+
+
+@pytest.mark.slow
+def test_a_search_killed_while_ray_tasks_run_resumes_to_the_serial_result(tmp_path, smoke_config):
+    pytest.importorskip("ray")
+    overrides = search_overrides(smoke_config, tmp_path, **{
+        "data.options": {"num_classes": 3, "num_train": 600, "num_val": 96, "num_test": 48, "size": 16},
+        "ga.generations": 4})
+    reference = run_search(tmp_path, "reference", overrides)
+    store = tmp_path / "killed.sqlite"
+    flags = [f"--{key}={json.dumps(value)}" for key, value in overrides.items() if key != "results_dir"]
+    command = [sys.executable, "-m", "biotune", "--store", str(store), "--results-dir", overrides["results_dir"],
+               "search", "--preset", "smoke", "--quiet", "--executor", "ray", "--workers", "2", *flags]
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "driver.log", "w"))
+    try:
+        stored = _wait_for_evaluations(store, driver, at_least=6)
+    finally:  # the driver and the local Ray it started, at once
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert 6 <= stored < len(reference.evaluations), "the search was not killed part-way"
+    with RunStore(store) as db:
+        run_id = db.runs()["run_id"].iloc[0]
+        assert db.run(run_id)["status"] == "running"  # killed: nothing marked it
+    resumed = biotune.search(resume=run_id, store=store, progress=False)
+    assert resumed.evaluations[COLUMNS].to_dict("records") == reference.evaluations[COLUMNS].to_dict("records")
+    assert resumed.best_genes == reference.best_genes
+
+
+def _wait_for_evaluations(store: Path, driver: subprocess.Popen, at_least: int, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and driver.poll() is None:
+        if store.exists():
+            with RunStore(store) as db:
+                count = int(db.db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0])
+            if count >= at_least:
+                return count
+        time.sleep(0.05)
+    log = Path(store).parent / "driver.log"
+    raise AssertionError(f"the driver ended (status {driver.poll()}) or took over {timeout} s before "
+                         f"{at_least} evaluations were stored:\n{log.read_text()[-3000:]}")
+
+
+def test_a_training_run_that_raises_twice_is_recorded_failed_and_the_search_goes_on(tmp_path, smoke_config,
+                                                                                     monkeypatch):
+    real_train, attempts = fitness.train, []
+
+    def train_failing_on_the_third_run(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) in (3, 4):  # the third run and its retry
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(fitness, "train", train_failing_on_the_third_run)
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"), "ga.cache": False}
+    result = run_search(tmp_path, "failing", overrides)
+    failed = result.evaluations[result.evaluations["status"] == "failed"]
+    assert failed["seq"].tolist() == [2]
+    assert failed["fitness"].iloc[0] == fitness.WORST["acc"]
+    assert "illegal memory access" in failed["per_seed"].iloc[0][0]["error"]
+    assert len(result.evaluations) == len(ga.evaluation_schedule(cfg.resolve("smoke").ga, 2))
+    assert len(attempts) == len(result.evaluations) + 1  # every evaluation trained once, the failing one twice
+
+
+# -- batches and breeding ----------------------------------------------------------------------
+
+
+class BatchRecorder:
+    """A deterministic fitness with ``evaluate_many``: records every batch it is given."""
+
+    def __init__(self):
+        self.batches, self.seq = [], 0
+
+    def evaluate_many(self, requests):
+        self.batches.append([(r["generation"], r["fold"], r["role"]) for r in requests])
+        return [self(**r) for r in requests]
+
+    def __call__(self, genes, *, fold, generation, individual, role):
+        return round(abs(sum(genes) / len(genes) - 0.3 - 0.1 * fold), 6)
+
+
+def run_ga(evaluate, tmp_path, **changes):
+    config = cfg.GAConfig(**changes)
+    search = ga.BioTuneGA(evaluate, num_blocks=6, num_genes=7, config=config, n_folds=2,
+                          checkpoint_path=tmp_path / f"{len(list(tmp_path.iterdir()))}.json", progress=False)
+    return search, search.run()
+
+
+@pytest.mark.parametrize("breeding", ["steady", "generational"])
+def test_batched_evaluation_gives_the_one_at_a_time_result(breeding, tmp_path):
+    batched, one_at_a_time = BatchRecorder(), BatchRecorder()
+    calls = []
+
+    def plain(genes, **where):
+        calls.append((where["generation"], where["fold"], where["role"]))
+        return one_at_a_time(genes, **where)
+
+    _, with_batches = run_ga(batched, tmp_path, breeding=breeding)
+    _, singly = run_ga(plain, tmp_path, breeding=breeding)
+    assert with_batches.best_genes == singly.best_genes and with_batches.logbook == singly.logbook
+    assert [c for batch in batched.batches for c in batch] == calls
+
+
+def test_generational_breeding_spends_the_steady_budget_in_the_scheduled_batches(tmp_path):
+    steady_recorder, generational_recorder = BatchRecorder(), BatchRecorder()
+    steady, steady_result = run_ga(steady_recorder, tmp_path)
+    generational, generational_result = run_ga(generational_recorder, tmp_path, breeding="generational")
+    assert generational.evaluations == steady.evaluations == len(ga.evaluation_schedule(steady.cfg, 2))
+    sizes = [(generation, fold, len(batch)) for batch in generational_recorder.batches
+             for (generation, fold, _) in batch[:1]]
+    assert sizes == ga.evaluation_batches(generational.cfg, 2)
+    children = [len(batch) for batch in generational_recorder.batches if batch[0][2] == "child"]
+    assert children == [10 - 3] * 10  # N - E children at once, every generation
+    assert max(len(b) for b in steady_recorder.batches if b[0][2] == "child") == 1  # steady: one child at a time
+    assert generational_result.logbook != steady_result.logbook  # another algorithm
+
+
+# -- configuration and the command line --------------------------------------------------------
+
+
+def test_the_run_section_is_typed_and_checked():
+    with pytest.raises(cfg.ConfigError, match=r"run.workers=0: expected .*greater than or equal to 1"):
+        cfg.resolve("smoke", overrides={"run.workers": 0})
+    with pytest.raises(cfg.ConfigError, match="run.executor='dask': choose one of: serial, process, ray"):
+        cfg.resolve("smoke", overrides={"run.executor": "dask"})
+    with pytest.raises(cfg.ConfigError, match="run.gpus_per_run=0.25 needs run.executor=ray"):
+        cfg.resolve("cpu", overrides={"run.gpus_per_run": 0.25})
+    with pytest.raises(cfg.ConfigError, match="train.device=cpu"):
+        cfg.resolve("smoke", overrides={"run.executor": "ray", "run.gpus_per_run": 0.25})
+    assert cfg.resolve("cpu", overrides={"run.executor": "ray", "run.gpus_per_run": 0.25}).run.gpus_per_run == 0.25
+
+
+def test_the_executor_is_not_part_of_a_row_s_identity(tmp_path, smoke_config):
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
+    first = biotune.run_method("full", preset="smoke", overrides=overrides, store=tmp_path / "s.sqlite",
+                               progress=False)
+    again = biotune.run_method("full", preset="smoke", overrides={**overrides, "run.executor": "process",
+                                                                  "run.workers": 2},
+                               store=tmp_path / "s.sqlite", progress=False)
+    assert again == first
+
+
+def test_resume_takes_executor_settings_and_refuses_others(tmp_path, smoke_config):
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
+    run = run_search(tmp_path, "resume", overrides)
+    store = tmp_path / "resume.sqlite"
+    assert biotune.search(resume=run.run_id, store=store, overrides=["run.workers=2"], progress=False).best_genes \
+        == run.best_genes
+    with pytest.raises(cfg.ConfigError, match=r"takes no overrides .*other than the executor's run\.\* settings"):
+        biotune.search(resume=run.run_id, store=store, overrides=["ga.population=5"], progress=False)
+
+
+def test_the_cli_takes_executor_and_workers_and_names_a_bad_value(tmp_path, smoke_config):
+    base = [sys.executable, "-m", "biotune", "--store", str(tmp_path / "cli.sqlite"), "--results-dir",
+            str(tmp_path / "results"), "search", "--preset", "smoke", "--quiet", "--data.root", smoke_config.data.root]
+    bad = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "run.workers=0" in bad.stderr and "Traceback" not in bad.stderr
+    typo = subprocess.run([*base, "--executor", "rey"], capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and "invalid choice: 'rey'" in typo.stderr
+    good = subprocess.run([*base, "--executor", "process", "--workers", "2"], capture_output=True, text=True,
+                          timeout=300)
+    assert good.returncode == 0, good.stderr
