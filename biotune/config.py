@@ -321,9 +321,10 @@ def validate(config: Config) -> Config:
     if checked.run.gpus_per_run and checked.run.executor != "ray":
         raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} needs run.executor=ray (Ray gives each "
                           "training run its share of a GPU); the serial and process executors use train.device")
-    if checked.run.gpus_per_run and checked.train.device in ("cpu", "mps"):
+    if checked.run.gpus_per_run and checked.train.device not in ("auto", "cuda"):
         raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} with train.device={checked.train.device}: "
-                          "set train.device=auto or cuda, or run.gpus_per_run=0")
+                          "each Ray task trains on the GPU Ray assigns it; set train.device=auto or cuda, or "
+                          "run.gpus_per_run=0")
     if Path(checked.results_dir).exists() and not Path(checked.results_dir).is_dir():
         raise ConfigError(f"results_dir={checked.results_dir!r} is a file; run folders need a folder "
                           "(pass --results-dir DIR)")

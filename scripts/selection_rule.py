@@ -26,7 +26,10 @@ if __name__ == "__main__":  # the parallel rows run in spawned processes that im
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GA seeds (ga.seed)")
     parser.add_argument("--store", default="results/runs.sqlite")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process or Ray task")
+    parser.add_argument("--executor", choices=("process", "ray"), default="process",
+                        help="how rows run at once: processes on this machine, or Ray tasks (RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--gpus-per-row", type=float, default=0.0, help="with --executor ray: GPUs each row asks for")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every row, e.g. train.num_threads=1")
     args = parser.parse_args()
@@ -34,7 +37,8 @@ if __name__ == "__main__":  # the parallel rows run in spawned processes that im
     rows = [{"method": "biotune", "dataset": args.dataset, "model": args.model, "preset": args.preset,
              "overrides": [*args.set, f"ga.seed={seed}", f"ga.final_selection={rule}"], "label": f"{rule} {seed}"}
             for seed in args.seeds for rule in RULES]
-    outcome = biotune.run_many(rows, jobs=args.jobs, store=args.store, progress=args.jobs == 1)
+    outcome = biotune.run_many(rows, jobs=args.jobs, executor=args.executor, gpus_per_row=args.gpus_per_row,
+                               store=args.store, progress=args.jobs == 1)
     done = outcome[outcome["status"] == "ok"]
     table = report.summary(args.store, done["run_id"].tolist()).assign(
         rule=[label.split()[0] for label in done["label"]], ga_seed=[int(label.split()[1]) for label in done["label"]],

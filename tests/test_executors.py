@@ -279,3 +279,16 @@ def test_the_cli_takes_executor_and_workers_and_names_a_bad_value(tmp_path, smok
     good = subprocess.run([*base, "--executor", "process", "--workers", "2"], capture_output=True, text=True,
                           timeout=300)
     assert good.returncode == 0, good.stderr
+
+
+@pytest.mark.slow
+def test_run_many_runs_rows_as_ray_tasks_and_reports_a_failed_row(tmp_path, smoke_config, local_ray):
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
+    rows = [{"method": "full", "label": "ok"}, {"method": "full", "dataset": "no_such_dataset", "label": "bad"},
+            {"method": "random", "label": "search"}]
+    rows = [dict(row, preset="smoke", overrides=overrides) for row in rows]
+    outcome = biotune.run_many(rows, jobs=2, executor="ray", store=tmp_path / "rows.sqlite")
+    assert outcome["status"].tolist() == ["ok", "failed", "ok"]
+    assert "no_such_dataset" in outcome.loc[1, "error"]
+    with RunStore(tmp_path / "rows.sqlite") as db:  # written by the rows' tasks, finished
+        assert set(db.runs()["status"]) == {"finished"}
