@@ -45,6 +45,7 @@ def run_method(method: str, dataset: str | None = None, model: str | None = None
                             store=store, reuse=reuse, progress=progress)[0]
     overrides = _with_searcher(overrides, method)
     config = cfg.resolve(preset, config_file, run_overrides(dataset, model, overrides, store))
+    executor_settings = {"run": dataclasses.asdict(config.run)}  # this row's executor, also for a stored search
     previous = None
     if reuse:
         with RunStore(config.store_path) as db:
@@ -56,10 +57,10 @@ def run_method(method: str, dataset: str | None = None, model: str | None = None
         run_id = previous["run_id"]
         if previous["status"] != "finished":
             log.info("run %s: resuming the unfinished search", run_id)
-            search(resume=run_id, store=config.store_path, progress=progress)
+            search(resume=run_id, store=config.store_path, progress=progress, overrides=executor_settings)
         else:
             log.info("run %s: the same search is already in the store; reusing it", run_id)
-    final(run_id, store=config.store_path, progress=progress)  # finished seeds are skipped
+    final(run_id, store=config.store_path, progress=progress, overrides=executor_settings)  # finished seeds are skipped
     return run_id
 
 
@@ -93,7 +94,7 @@ def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus
     outcomes = [None] * len(rows)
     store = str(Path(store).resolve()) if store is not None else None
     with make_executor(run, cfg.TrainConfig()) as pool:
-        shared = (store, progress and pool.name == "serial", str(Path.cwd()))
+        shared = (store, progress and pool.in_process, str(Path.cwd()))
         for index, outcome in pool.map(_run_row, [(row,) for row in rows], shared):
             if isinstance(outcome, TaskFailure):
                 outcome = {"run_id": None, "status": "failed", "error": outcome.error, "seconds": None}

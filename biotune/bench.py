@@ -16,7 +16,9 @@ fold 0), interleaved genome by genome so a machine that slows down slows every p
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import random
 import statistics
@@ -121,7 +123,7 @@ def parallel_bench(preset: str = "demo", overrides: list[str] | None = None,
             if executor == "serial":
                 serial_by_threads[run_threads] = (seconds, evaluations)
             reference = serial_by_threads.get(run_threads)
-            rows.append({"executor": executor, "workers": workers, "threads_per_run": run_threads,
+            rows.append({"executor": executor, "workers": workers, "threads_per_run": int(run_threads),
                          "seconds": round(seconds, 1), "evaluations": len(evaluations),
                          "evaluations_per_minute": round(60 * len(evaluations) / seconds, 2),
                          "train_runs": int(result.evaluations["train_runs"].sum()),
@@ -131,14 +133,41 @@ def parallel_bench(preset: str = "demo", overrides: list[str] | None = None,
     table = pd.DataFrame(rows)
     serial_seconds = table["seconds"].iloc[0]
     table["speedup_vs_serial"] = (serial_seconds / table["seconds"]).round(2)
+    same_threads = table["threads_per_run"].map(lambda threads: serial_by_threads.get(threads, (math.nan,))[0])
+    table["speedup_vs_serial_same_threads"] = (same_threads / table["seconds"]).round(2)
     summary = {"preset": preset, "model": base.model.name, "device": str(resolve_device(base.train.device)),
                "cores": os.cpu_count(), "serial_seconds": float(serial_seconds),
-               "speedup_vs_serial": {f"{r.executor} x{r.workers}": float(r.speedup_vs_serial)
-                                     for r in table.iloc[1:].itertuples()}}
+               "all_equal_serial_same_threads": bool(table["equals_serial_same_threads"].dropna().all()),
+               "speedup_vs_serial": {f"{r.executor} x{r.workers}, {r.threads_per_run} threads": float(r.speedup_vs_serial)
+                                     for r in table.iloc[1:].itertuples()},
+               "speedup_vs_serial_same_threads": {
+                   f"{r.executor} x{r.workers}, {r.threads_per_run} threads": float(r.speedup_vs_serial_same_threads)
+                   for r in table.iloc[1:].itertuples() if r.executor != "serial"}}
     if json_file is not None:
         Path(json_file).write_text(json.dumps({"summary": summary, "rows": table.to_dict("records")}, indent=2,
                                               default=str))
     return table, summary
+
+
+def schedule_speedups(preset: str = "paper", workers: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32),
+                      overrides: list[str] | None = None) -> pd.DataFrame:
+    """The arithmetic of a parallel search: for each number of runs at once (k), the rounds of
+    training runs a search needs when a batch of b evaluations x s seeds takes ceil(b*s / k)
+    rounds, against b*s rounds one after another, for steady and generational breeding. An upper
+    bound: it assumes runs of equal length (a batch waits for its slowest run) and no cache hits."""
+    from .ga import evaluation_batches
+
+    config = cfg.resolve(preset, overrides=overrides)
+    n_folds, seeds = cfg.num_folds(config.ga.train_split), len(config.train.seeds)
+    rows = []
+    for breeding in cfg.CHOICES["ga.breeding"]:
+        batches = evaluation_batches(dataclasses.replace(config.ga, breeding=breeding), n_folds)
+        runs = sum(size * seeds for _, _, size in batches)
+        for k in workers:
+            rounds = sum(math.ceil(size * seeds / k) for _, _, size in batches)
+            rows.append({"breeding": breeding, "runs_at_once": k, "evaluations": sum(b[2] for b in batches),
+                         "training_runs": runs, "rounds": rounds, "speedup_bound": round(runs / rounds, 2)})
+    return pd.DataFrame(rows)
 
 
 def method_costs(preset: str = "cpu", methods: tuple[str, ...] = ("full", "adafilter"),

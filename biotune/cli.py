@@ -9,6 +9,7 @@ import sys
 import pandas as pd
 
 from . import config as cfg
+from .executors import TrainingFailedError
 
 PRESETS = list(cfg.PRESETS)
 
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--parallel", action="store_true",
                        help="instead: one search with each executor (serial, process, ray; 1 and 2 workers), "
                             "side by side (default preset here: demo)")
+    bench.add_argument("--schedule", action="store_true",
+                       help="instead: the bound on a search's parallel speed-up from its batches, for 1-32 runs at "
+                            "once (default preset here: paper); computed, nothing trains")
     bench.add_argument("--methods", nargs="+", metavar="METHOD",
                        help="instead: one training run of each method side by side, e.g. --methods full adafilter")
 
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, overrides)
     # Bad input of every kind (config, data, store, checkpoint, plan) raises one of these with a
     # message that says what to do; anything else is a bug and keeps its traceback.
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError, TrainingFailedError) as error:
         print(f"biotune: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -204,8 +208,11 @@ def _run(args, overrides: list[str]) -> int:
     elif args.command == "notebooks":
         return _notebooks(args)
     elif args.command == "bench":
-        from .bench import method_costs, parallel_bench, run_bench
+        from .bench import method_costs, parallel_bench, run_bench, schedule_speedups
 
+        if args.schedule:
+            _print_table(schedule_speedups(args.preset or "paper", overrides=overrides))
+            return 0
         if args.parallel:
             table, summary = parallel_bench(args.preset or "demo", overrides, json_file=args.json)
             _print_table(table)

@@ -318,6 +318,9 @@ def validate(config: Config) -> Config:
     ga = checked.ga
     if ga.elites >= ga.population:
         raise ConfigError(f"ga.elites must be >= 0 and smaller than ga.population ({ga.population}), got {ga.elites}")
+    if checked.run.workers > 1 and checked.run.executor == "serial":
+        raise ConfigError(f"run.workers={checked.run.workers} with run.executor=serial runs one training run at a "
+                          "time; add --executor process (this machine) or --executor ray")
     if checked.run.gpus_per_run and checked.run.executor != "ray":
         raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} needs run.executor=ray (Ray gives each "
                           "training run its share of a GPU); the serial and process executors use train.device")

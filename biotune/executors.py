@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 ATTEMPTS = 2  # a call that raises is retried once
 
 
+class TrainingFailedError(RuntimeError):
+    """Training runs that raised on every attempt, more than a search or protocol goes on past."""
+
+
 @dataclass
 class TaskFailure:
     """The result of a call that raised on every attempt."""
@@ -65,10 +69,12 @@ def make_executor(run: RunConfig, train: TrainConfig) -> Executor:
 
 
 class Executor:
-    """``map`` runs calls and yields ``(index, result or TaskFailure)`` as each finishes."""
+    """``map`` runs calls and yields ``(index, result or TaskFailure)`` as each finishes. A caller
+    that stops reading early (Ctrl-C, an error) cancels the calls still out."""
 
     name = "executor"
     workers = 1
+    in_process = False  # calls run in the caller's process (so they may show progress bars)
 
     def share(self, value):
         """A handle on ``value`` for ``map``'s ``shared``; sent to workers once where possible."""
@@ -78,7 +84,8 @@ class Executor:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Stop the workers this executor started."""
+        """Stop the worker processes of a pool (a Ray started here stays up for the process's
+        next runs, and stops when the process exits)."""
 
     def __enter__(self) -> Executor:
         return self
@@ -105,6 +112,7 @@ class SerialExecutor(Executor):
     """Every call in this process, one after another, in order."""
 
     name = "serial"
+    in_process = True
 
     def map(self, function, calls, shared=None):
         for index, arguments in enumerate(calls):
@@ -149,35 +157,55 @@ class ProcessExecutor(Executor):
 
         def submit(index: int) -> None:
             attempts[index] += 1
-            pool = self._pool()
-            running[pool.submit(function, shared, *calls[index])] = (index, pool)
+            try:
+                pool = self._pool()
+                future = pool.submit(function, shared, *calls[index])
+            except BrokenProcessPool:  # broken by a worker that died since: a new pool takes the call
+                self._discard_pool()
+                pool = self._pool()
+                future = pool.submit(function, shared, *calls[index])
+            running[future] = (index, pool)
 
-        for index in range(len(calls)):
-            submit(index)
-        while running:
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in done:
-                index, pool = running.pop(future)
-                try:
-                    result = future.result()
-                except BrokenProcessPool as error:
-                    # A worker died and broke its pool: every call pending there fails like this.
-                    # The first one read starts a new pool; each is resubmitted there once.
-                    if pool is self.pool:
-                        self.pool.shutdown(wait=False, cancel_futures=True)
-                        self.pool = None
-                    failure = f"worker process died ({error})"
-                except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
-                    failure = _describe(error)
-                else:
-                    yield index, result
-                    continue
-                retry = attempts[index] < ATTEMPTS
-                _log_failure(function, calls[index], failure, retrying=retry)
-                if retry:
-                    submit(index)
-                else:
-                    yield index, TaskFailure(failure)
+        try:
+            for index in range(len(calls)):
+                submit(index)
+            while running:
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, pool = running.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool as error:
+                        # A worker died and broke its pool: every call in that pool fails like this,
+                        # and the pool cannot say whose run killed the worker, so each spends an
+                        # attempt (Ray, by contrast, charges a dead worker to its own task).
+                        if pool is self.pool:
+                            self._discard_pool()
+                        failure = f"worker process died ({error})"
+                    except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
+                        failure = _describe(error)
+                    else:
+                        yield index, result
+                        continue
+                    retry = attempts[index] < ATTEMPTS
+                    _log_failure(function, calls[index], failure, retrying=retry)
+                    if retry:
+                        submit(index)
+                    else:
+                        yield index, TaskFailure(failure)
+        finally:
+            if running:  # the caller stopped early: stop the runs still going rather than wait for them
+                self._discard_pool(terminate=True)
+
+    def _discard_pool(self, terminate: bool = False) -> None:
+        if self.pool is None:
+            return
+        processes = list(getattr(self.pool, "_processes", {}).values())  # the pool offers no public handle
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if terminate:
+            for process in processes:
+                process.terminate()
+        self.pool = None
 
     def close(self) -> None:
         if self.pool is not None:
@@ -216,6 +244,13 @@ class RayExecutor(Executor):
                 ray.init(log_to_driver=True)
             else:  # a local cluster with room for the asked concurrency
                 ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=False)
+        available = ray.cluster_resources()
+        if gpus_per_run > available.get("GPU", 0) or threads > available.get("CPU", 0):
+            raise ConfigError(f"run.gpus_per_run={gpus_per_run} GPUs and {threads} CPUs (torch threads) per training "
+                              f"run, but this Ray cluster has {available.get('GPU', 0):g} GPUs and "
+                              f"{available.get('CPU', 0):g} CPUs: the runs would wait forever. Lower "
+                              "run.gpus_per_run or train.num_threads, or connect to a cluster that has them "
+                              "(RAY_ADDRESS)")
         self.task = ray.remote(num_cpus=threads, num_gpus=gpus_per_run, max_retries=ATTEMPTS - 1,
                                retry_exceptions=True, max_calls=1 if gpus_per_run else 0)(_ray_call)
 
@@ -225,17 +260,21 @@ class RayExecutor(Executor):
     def map(self, function, calls, shared=None):
         ray = self.ray
         waiting, running = list(range(len(calls))), {}
-        while waiting or running:
-            while waiting and len(running) < self.workers:
-                index = waiting.pop(0)
-                running[self.task.remote(function, shared, calls[index], self.threads)] = index
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            index = running.pop(done)
-            try:
-                result = ray.get(done)
-            except ray.exceptions.RayError as error:  # raised twice (retried once by Ray), or its worker died twice
-                cause = getattr(error, "cause", None)
-                failure = _describe(cause) if isinstance(cause, BaseException) else _describe(error).splitlines()[0]
-                _log_failure(function, calls[index], failure, retrying=False)
-                result = TaskFailure(failure)
-            yield index, result
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.workers:
+                    index = waiting.pop(0)
+                    running[self.task.remote(function, shared, calls[index], self.threads)] = index
+                (done,), _ = ray.wait(list(running), num_returns=1)
+                index = running.pop(done)
+                try:
+                    result = ray.get(done)
+                except ray.exceptions.RayError as error:  # raised twice (retried once by Ray), or its worker died twice
+                    cause = getattr(error, "cause", None)
+                    failure = _describe(cause) if isinstance(cause, BaseException) else _describe(error).splitlines()[0]
+                    _log_failure(function, calls[index], failure, retrying=False)
+                    result = TaskFailure(failure)
+                yield index, result
+        finally:
+            for task in running:  # the caller stopped early: free the workers and GPU shares
+                ray.cancel(task, force=True)

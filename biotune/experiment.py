@@ -25,7 +25,7 @@ import pandas as pd
 
 from . import config as cfg
 from .data import load_dataset, make_folds
-from .executors import TaskFailure, make_executor
+from .executors import TaskFailure, TrainingFailedError, make_executor
 from .fitness import Evaluator
 from .ga import BioTuneGA, GAResult, rescore_top_k
 from .genome import decode, make_recipe, num_genes, recipe_table, save_recipe
@@ -224,6 +224,9 @@ def split_run_settings(overrides: list[str] | dict | None) -> tuple[dict, dict]:
 
 
 def with_run_settings(config: cfg.Config, run_settings: dict) -> cfg.Config:
+    """``config`` with other executor settings; switching to serial drops the stored workers."""
+    if run_settings.get("executor") == "serial":
+        run_settings = {"workers": 1, **run_settings}
     return cfg.validate(cfg.merge(config, {"run": run_settings}, "override")) if run_settings else config
 
 
@@ -327,31 +330,37 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
     table, so the grid's cost is counted. Rows already in the store are kept, so an interrupted
     final protocol resumes too. ``inputs`` is ``load_inputs(config)``, loaded by the caller
     before the run exists, so bad data leaves no run behind. The settings and seeds go through
-    the run's executor (``run.executor``); each row is stored as it finishes, and a run whose
-    training raised twice is stored as failed and tried again by the next call.
+    the run's executor (``run.executor``); each row is stored as it finishes. A setting and seed
+    whose training raised twice is not stored: the protocol raises ``TrainingFailedError`` after
+    the others, so the run is not marked finished, and the next call trains only what is missing.
     """
     model, dataset = inputs
     grid = grid if grid is not None else make_method().grid
     finished = store.finals(run_id)
     folder = run_dir(config, run_id)
     todo = [(json.dumps(setting, sort_keys=True), setting, seed) for setting in grid for seed in config.train.seeds]
-    done = finished[(finished["method"] == method_name) & (finished["status"] != "failed")]
+    done = finished[finished["method"] == method_name]
     todo = [(key, setting, seed) for key, setting, seed in todo
             if not ((done["setting"] == key) & (done["seed"] == seed)).any()]
+    failures = []
     with make_executor(config.run, config.train) as executor:
-        calls = [(make_method, setting, seed, progress and executor.name == "serial") for _, setting, seed in todo]
+        calls = [(make_method, setting, seed, progress and executor.in_process) for _, setting, seed in todo]
         shared = executor.share((model, dataset, config.train))
         for index, outcome in executor.map(final_run, calls, shared):  # stored as each finishes
             key, _, seed = todo[index]
-            if isinstance(outcome, TaskFailure):  # stored as failed; a rerun of the protocol tries it again
-                outcome = {"row": {"status": "failed", "train_runs": 0, "trainable_share": 0.0,
-                                   "seconds": 0.0}, "report": None}
+            if isinstance(outcome, TaskFailure):
+                failures.append(f"setting {key} seed {seed}: {outcome.error}")
+                continue
             row = {"method": method_name, "setting": key, "seed": seed, **outcome["row"]}
             if outcome["report"] is not None:  # appended before the row is stored: a kill loses none (a rerun repeats it)
                 name, table = outcome["report"]
                 table.assign(setting=key, seed=seed).to_csv(folder / name, mode="a", index=False,
                                                              header=not (folder / name).is_file())
             store.add_final(run_id, row)
+    if failures:
+        raise TrainingFailedError(
+            f"run {run_id}: {len(failures)} of {len(todo)} training runs of the final protocol raised twice "
+            f"({'; '.join(failures)}); the others are stored, and running the protocol again trains only these")
     finals = store.select_final_setting(run_id, method_name)
     finals.to_csv(folder / "final.csv", index=False)
     return finals

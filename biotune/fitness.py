@@ -16,24 +16,30 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import statistics
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
 import optuna
+import torch
 
 from .config import Config, GAConfig, TrainConfig
 from .data import Fold
-from .executors import Executor, SerialExecutor, TaskFailure
+from .executors import Executor, SerialExecutor, TaskFailure, TrainingFailedError
 from .genome import decode
 from .prefix_cache import HIT, MISS, NOT_APPLICABLE, PrefixCache
 from .store import RunStore
-from .train import train
+from .train import resolve_device, train
 
 log = logging.getLogger(__name__)
 
 WORST = {"acc": 1.0, "acc+std": 1.0, "loss": 10.0}
+
+
+MAX_FAILED_IN_A_ROW = 3
 
 
 class ReplayMismatchError(ValueError):
@@ -154,6 +160,7 @@ def fitness_run(inputs: FitnessInputs, plan, fold: int, seed: int, pruning: Prun
     return {"seed": seed, "status": result.status, "best_epoch": result.best_epoch, "epochs": result.epochs,
             "seconds": result.seconds, "train_images": result.train_images, **result.val,
             "history": [h["val_macro_acc"] for h in result.history],
+            "threads": torch.get_num_threads(), "worker": f"{socket.gethostname()}:{os.getpid()}",
             "prefix_cache": prefix_status, "task_seconds": time.perf_counter() - started}
 
 
@@ -167,7 +174,7 @@ class _Training:
     plan: object
     key: str | None  # evaluation-cache key
     runs: dict = field(default_factory=dict)  # seed position -> per-seed record
-    followers: list = field(default_factory=list)  # (seq, request, genes) of the same plan later in the batch
+    followers: list = field(default_factory=list)  # (position, seq, request, genes, plan): the same plan later in the batch
 
 
 class Evaluator:
@@ -189,6 +196,8 @@ class Evaluator:
         self.seq = 0
         self.use_cache = config.ga.cache and config.ga.ga_variant == "improved"
         self.pruner = Pruner(config.ga) if config.ga.prune else None
+        self.failed_in_a_row = 0
+        resolve_device(config.train.device)  # a device this machine lacks fails here, not in every run
         self.executor = executor or SerialExecutor()
         self.inputs = self.executor.share(FitnessInputs(model, dataset, folds, config.train))
         self.train_key = json.dumps([asdict(config.train), asdict(config.data), asdict(config.model)],
@@ -240,7 +249,7 @@ class Evaluator:
             if cached is not None:
                 fitness[position] = self._store(seq, request, genes, plan, cached, cache_hit=True)
             elif self.use_cache and key in leaders:  # trained by an earlier request of this batch
-                leaders[key].followers.append((position, seq, request, genes))
+                leaders[key].followers.append((position, seq, request, genes, plan))
             else:
                 training[position] = leaders[key] = _Training(seq, request, genes, plan, key)
 
@@ -250,7 +259,7 @@ class Evaluator:
         for position, job in training.items():
             for seed_position, seed in enumerate(self.config.train.seeds):
                 calls.append((job.plan, job.request["fold"], seed, snapshots.get(job.request["fold"]),
-                              self.progress and self.executor.name == "serial"))
+                              self.progress and self.executor.in_process))
                 owners.append((position, seed_position))
         for call, result in self.executor.map(fitness_run, calls, self.inputs):
             position, seed_position = owners[call]
@@ -261,15 +270,30 @@ class Evaluator:
                 continue
             per_seed = [job.runs[i] for i in range(len(job.runs))]
             outcome, prefix, seconds = self._outcome(per_seed)
+            failed = outcome["status"] == "failed"  # not cached: the plan is trained again when asked again
             fitness[position] = self._store(job.seq, job.request, job.genes, job.plan, outcome, prefix=prefix,
-                                            seconds=seconds, cache_key=job.key if self.use_cache else None)
+                                            seconds=seconds, cache_key=job.key if self.use_cache and not failed else None)
             trained_in_batch.append((job.seq, job.request["fold"], outcome["per_seed"]))
-            for follower, seq, request, genes in job.followers:
-                fitness[follower] = self._store(seq, request, genes, job.plan, outcome, cache_hit=True)
+            for follower, seq, request, genes, plan in job.followers:
+                fitness[follower] = self._store(seq, request, genes, plan, outcome, cache_hit=True)
+            self._count_failures(outcome)
         if self.pruner is not None:
             for _, fold, per_seed in sorted(trained_in_batch, key=lambda item: item[0]):
                 self.pruner.add(fold, per_seed)
         return fitness
+
+    def _count_failures(self, outcome: dict) -> None:
+        """Stop the search when ``MAX_FAILED_IN_A_ROW`` evaluations in a row failed (each run
+        raised twice): an error that comes back every time (a bug, memory that never suffices, a
+        worker that cannot import the code) would otherwise fill a whole search with worst
+        fitnesses. An isolated failure is recorded and the search goes on."""
+        self.failed_in_a_row = self.failed_in_a_row + 1 if outcome["status"] == "failed" else 0
+        if self.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+            error = next(r["error"] for r in outcome["per_seed"] if r["status"] == "failed")
+            raise TrainingFailedError(
+                f"run {self.run_id}: {self.failed_in_a_row} evaluations in a row failed, each training run twice; "
+                f"the last error: {error}. The search stops here (its finished evaluations are kept); fix the "
+                "cause, then start a new run")
 
     def _store(self, seq: int, request: dict, genes: list[float], plan, outcome: dict, *, cache_hit: bool = False,
                prefix: str = NOT_APPLICABLE, seconds: float = 0.0, cache_key: str | None = None) -> float:

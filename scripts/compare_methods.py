@@ -3,7 +3,7 @@
     .venv/bin/python scripts/compare_methods.py --dataset digits --preset demo
     python scripts/compare_methods.py --dataset fashion_mnist --preset cpu --jobs 11 \\
         --set train.device=cuda --set train.num_threads=1        # a GPU box, rows in parallel
-    python scripts/compare_methods.py --dataset fashion_mnist --preset paper --jobs 8 \
+    python scripts/compare_methods.py --dataset fashion_mnist --preset paper --jobs 8 \\
         --executor ray --gpus-per-row 0.5                          # Ray: RAY_ADDRESS or a local Ray
 
 Each row goes through the same data, trainer, seeds and final protocol; the searchers spend

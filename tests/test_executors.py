@@ -1,8 +1,10 @@
 """Executors (biotune/executors.py): serial, a process pool and a local Ray give the same search,
 stored under the same sequence numbers; failures are retried once; Ray is imported only when asked."""
+import importlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from biotune.executors import (
     RayExecutor,
     SerialExecutor,
     TaskFailure,
+    TrainingFailedError,
     make_executor,
 )
 from biotune.store import RunStore
@@ -113,6 +116,10 @@ def test_a_search_gives_the_serial_evaluations_with_every_executor(executor, sea
     parallel = run_search(tmp_path, executor, {**overrides, "run.executor": executor, "run.workers": 2})
     assert parallel.evaluations[COLUMNS].to_dict("records") == serial.evaluations[COLUMNS].to_dict("records")
     assert parallel.best_genes == serial.best_genes and parallel.best_fitness == serial.best_fitness
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    workers = {run["worker"] for per_seed in parallel.evaluations["per_seed"] for run in per_seed}
+    assert workers and here not in workers  # the runs really went to other processes
+    assert {run["worker"] for per_seed in serial.evaluations["per_seed"] for run in per_seed} == {here}
     if searcher == "biotune":  # the batches really held several runs, some pruned, some from the cache
         assert (serial.evaluations["status"] == "pruned").any()
         assert (serial.evaluations["role"] == "final_select").sum() == 2 * 2
@@ -141,7 +148,7 @@ def test_a_search_killed_while_ray_tasks_run_resumes_to_the_serial_result(tmp_pa
     with RunStore(store) as db:
         run_id = db.runs()["run_id"].iloc[0]
         assert db.run(run_id)["status"] == "running"  # killed: nothing marked it
-    resumed = biotune.search(resume=run_id, store=store, progress=False)
+    resumed = biotune.search(resume=run_id, store=store, overrides={"run.executor": "serial"}, progress=False)
     assert resumed.evaluations[COLUMNS].to_dict("records") == reference.evaluations[COLUMNS].to_dict("records")
     assert resumed.best_genes == reference.best_genes
 
@@ -171,14 +178,58 @@ def test_a_training_run_that_raises_twice_is_recorded_failed_and_the_search_goes
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(fitness, "train", train_failing_on_the_third_run)
-    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"), "ga.cache": False}
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
     result = run_search(tmp_path, "failing", overrides)
     failed = result.evaluations[result.evaluations["status"] == "failed"]
     assert failed["seq"].tolist() == [2]
     assert failed["fitness"].iloc[0] == fitness.WORST["acc"]
     assert "illegal memory access" in failed["per_seed"].iloc[0][0]["error"]
     assert len(result.evaluations) == len(ga.evaluation_schedule(cfg.resolve("smoke").ga, 2))
-    assert len(attempts) == len(result.evaluations) + 1  # every evaluation trained once, the failing one twice
+    trained = int((result.evaluations["train_runs"] > 0).sum())
+    assert len(attempts) == trained + 1  # every trained evaluation once, the failing one twice
+    with RunStore(tmp_path / "failing.sqlite") as db:  # a failure is not cached: the plan trains again if asked
+        assert db.cached(result.run_id, "anything") is None
+        keys = db.db.execute("SELECT value FROM cache WHERE run_id = ?", (result.run_id,)).fetchall()
+        assert all(json.loads(value)["status"] != "failed" for (value,) in keys)
+
+
+def test_a_search_whose_runs_fail_every_time_stops_with_the_error(tmp_path, smoke_config, monkeypatch):
+    def broken_train(*args, **kwargs):
+        raise ImportError("cannot import name 'fused_adam' from 'apex'")
+
+    monkeypatch.setattr(fitness, "train", broken_train)
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
+    with pytest.raises(TrainingFailedError, match=r"3 evaluations in a row failed.*fused_adam"):
+        run_search(tmp_path, "broken", overrides)
+    with RunStore(tmp_path / "broken.sqlite") as db:
+        run = db.runs().iloc[0]
+        assert run["status"] == "failed" and run["evaluations"] == fitness.MAX_FAILED_IN_A_ROW
+
+
+def test_a_final_protocol_run_that_fails_is_not_stored_and_the_next_call_trains_only_it(tmp_path, smoke_config,
+                                                                                          monkeypatch):
+    trainer = importlib.import_module("biotune.train")  # the package exports a function of that name
+    real_train, attempts = trainer.train, []
+
+    def train_failing_seed_1(model, dataset, plan, config, seed, **kwargs):
+        attempts.append(seed)
+        if seed == 1:
+            raise RuntimeError("out of memory")
+        return real_train(model, dataset, plan, config, seed, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", train_failing_seed_1)
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"), "train.seeds": [0, 1]}
+    store = tmp_path / "final.sqlite"
+    with pytest.raises(TrainingFailedError, match="1 of 2 training runs of the final protocol raised twice"):
+        biotune.run_baseline("full", preset="smoke", overrides=overrides, grid=[{}], store=store, progress=False)
+    assert attempts == [0, 1, 1]
+    with RunStore(store) as db:
+        run_id = db.runs()["run_id"].iloc[0]
+        assert db.run(run_id)["status"] == "failed" and db.finals(run_id)["seed"].tolist() == [0]
+    monkeypatch.setattr(trainer, "train", real_train)
+    again, finals = biotune.run_baseline("full", preset="smoke", overrides=overrides, grid=[{}], store=store,
+                                         reuse=True, progress=False)
+    assert again == run_id and finals["seed"].tolist() == [0, 1]
 
 
 # -- batches and breeding ----------------------------------------------------------------------
@@ -240,6 +291,8 @@ def test_generational_breeding_spends_the_steady_budget_in_the_scheduled_batches
 def test_the_run_section_is_typed_and_checked():
     with pytest.raises(cfg.ConfigError, match=r"run.workers=0: expected .*greater than or equal to 1"):
         cfg.resolve("smoke", overrides={"run.workers": 0})
+    with pytest.raises(cfg.ConfigError, match="run.workers=4 with run.executor=serial .* --executor process"):
+        cfg.resolve("smoke", overrides={"run.workers": 4})
     with pytest.raises(cfg.ConfigError, match="run.executor='dask': choose one of: serial, process, ray"):
         cfg.resolve("smoke", overrides={"run.executor": "dask"})
     with pytest.raises(cfg.ConfigError, match="run.gpus_per_run=0.25 needs run.executor=ray"):
@@ -263,8 +316,11 @@ def test_resume_takes_executor_settings_and_refuses_others(tmp_path, smoke_confi
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
     run = run_search(tmp_path, "resume", overrides)
     store = tmp_path / "resume.sqlite"
-    assert biotune.search(resume=run.run_id, store=store, overrides=["run.workers=2"], progress=False).best_genes \
-        == run.best_genes
+    resumed = biotune.search(resume=run.run_id, store=store, overrides=["run.executor=process", "run.workers=2"],
+                             progress=False)
+    assert resumed.best_genes == run.best_genes
+    assert biotune.search(resume=run.run_id, store=store, overrides=["run.executor=serial"], progress=False).best_genes \
+        == run.best_genes  # the stored 2 workers are dropped with the serial executor
     with pytest.raises(cfg.ConfigError, match=r"takes no overrides .*other than the executor's run\.\* settings"):
         biotune.search(resume=run.run_id, store=store, overrides=["ga.population=5"], progress=False)
 
@@ -292,3 +348,33 @@ def test_run_many_runs_rows_as_ray_tasks_and_reports_a_failed_row(tmp_path, smok
     assert "no_such_dataset" in outcome.loc[1, "error"]
     with RunStore(tmp_path / "rows.sqlite") as db:  # written by the rows' tasks, finished
         assert set(db.runs()["status"]) == {"finished"}
+
+
+# -- the measurements -------------------------------------------------------------------------
+
+
+def test_the_schedule_bound_counts_the_paper_search_s_runs_per_batch():
+    from biotune.bench import schedule_speedups
+
+    table = schedule_speedups("paper", workers=(1, 3, 30, 64)).set_index(["breeding", "runs_at_once"])
+    assert set(table["training_runs"]) == {167 * 3}
+    assert table.loc[("steady", 1), "rounds"] == 501
+    # beyond 3 runs at once the 70 children (3 seeds each) stay 70 rounds: 30 for init, 9 re-score
+    # batches and 10 exploitation batches at k >= 30 make 90 rounds in all
+    assert table.loc[("steady", 30), "rounds"] == 70 + 1 + 9 + 10 == table.loc[("steady", 64), "rounds"]
+    assert table.loc[("generational", 30), "rounds"] == 10 + 1 + 9 + 10
+    assert table.loc[("steady", 3), "speedup_bound"] == 3.0
+
+
+@pytest.mark.slow
+def test_the_parallel_bench_times_each_executor_and_checks_equal_evaluations(tmp_path, smoke_config):
+    from biotune.bench import parallel_bench
+
+    table, summary = parallel_bench("smoke", overrides=[f"data.root={smoke_config.data.root}"],
+                                    json_file=tmp_path / "parallel.json",
+                                    runs=(("serial", 1, None), ("serial", 1, "per worker"), ("process", 2, None)))
+    assert table["executor"].tolist() == ["serial", "serial", "process"]
+    assert table["threads_per_run"].iloc[1] == table["threads_per_run"].iloc[2]  # cores / 2 workers
+    assert table["equals_serial_same_threads"].tolist()[1:] == [True, True]
+    assert summary["all_equal_serial_same_threads"] is True
+    assert json.loads((tmp_path / "parallel.json").read_text())["summary"] == summary
