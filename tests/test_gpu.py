@@ -1,4 +1,4 @@
-"""CUDA checks (skipped without a GPU): a fitness run with bfloat16 autocast on the GPU."""
+"""CUDA checks (skipped without a GPU): a fitness run with bfloat16 autocast on the GPU; Ray runs on GPU shares."""
 import copy
 
 import pytest
@@ -35,3 +35,27 @@ def test_cuda_and_cpu_agree_on_the_same_weights(smoke_config, smoke_inputs):
     on_gpu = evaluate(net.cuda(), dataset, "val", amp=False)
     assert on_gpu["macro_acc"] == pytest.approx(on_cpu["macro_acc"])
     assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-4)
+
+
+def test_ray_packs_runs_on_gpu_shares(smoke_config, tmp_path):
+    """Four runs on quarter GPUs: Ray assigns each its device and ends its worker after the task.
+    The evaluations keep the serial schedule; their floats may differ, as two serial runs on a GPU
+    may (cuDNN's non-deterministic kernels: biotune does not force deterministic algorithms)."""
+    ray = pytest.importorskip("ray")
+    import os
+    import socket
+
+    import biotune
+
+    overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"), "train.device": "auto",
+                 "train.seeds": [0, 1], "ga.population": 4, "ga.generations": 2, "ga.elites": 1,
+                 "train.num_threads": 1, "run.executor": "ray", "run.workers": 4, "run.gpus_per_run": 0.25}
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        packed = biotune.search(preset="smoke", store=tmp_path / "ray.sqlite", progress=False, overrides=overrides)
+    finally:
+        ray.shutdown()
+    evaluations = packed.evaluations
+    assert (evaluations["status"] == "ok").all() and evaluations["seq"].tolist() == list(range(len(evaluations)))
+    workers = {run["worker"] for per_seed in evaluations["per_seed"] for run in per_seed}
+    assert f"{socket.gethostname()}:{os.getpid()}" not in workers and len(workers) > 1  # max_calls=1: a worker per task
