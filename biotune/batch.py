@@ -10,6 +10,7 @@ failed row.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -95,10 +96,11 @@ def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus
     store = str(Path(store).resolve()) if store is not None else None
     with make_executor(run, cfg.TrainConfig()) as pool:
         shared = (store, progress and pool.in_process, str(Path.cwd()))
-        for index, outcome in pool.map(_run_row, [(row,) for row in rows], shared):
-            if isinstance(outcome, TaskFailure):
-                outcome = {"run_id": None, "status": "failed", "error": outcome.error, "seconds": None}
-            outcomes[index] = outcome
+        with contextlib.closing(pool.map(_run_row, [(row,) for row in rows], shared)) as finished:
+            for index, outcome in finished:
+                if isinstance(outcome, TaskFailure):
+                    outcome = {"run_id": None, "status": "failed", "error": outcome.error, "seconds": None}
+                outcomes[index] = outcome
     return pd.DataFrame([{"label": row.get("label"), "method": row["method"], "dataset": row.get("dataset"),
                           "model": row.get("model"), **outcome} for row, outcome in zip(rows, outcomes)])
 

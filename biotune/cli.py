@@ -138,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if rest and args.command not in ("search", "baseline", "bench"):
+    if rest and args.command not in ("search", "baseline", "bench", "final", "demo"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     overrides = (_overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
                  + _executor_overrides(args))
     try:
-        return _run(args, overrides)
+        return _run(args, overrides, rest)
     # Bad input of every kind (config, data, store, checkpoint, plan) raises one of these with a
     # message that says what to do; anything else is a bug and keeps its traceback.
     except (ValueError, KeyError, OSError, TrainingFailedError) as error:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args, overrides: list[str]) -> int:
+def _run(args, overrides: list[str], rest: list[str]) -> int:
     from . import experiment
     from .data import list_datasets
     from .genome import recipe_table
@@ -186,9 +186,9 @@ def _run(args, overrides: list[str]) -> int:
         if args.final:
             _print_table(experiment.final(result.run_id, store=args.store, progress=progress,
                                           overrides=_executor_overrides(args)))
-    elif args.command == "final":
+    elif args.command == "final":  # the stored config, with other run.* settings only
         _print_table(experiment.final(args.run_id, store=args.store, progress=progress,
-                                      overrides=_executor_overrides(args)))
+                                      overrides=_overrides(rest) + _executor_overrides(args)))
     elif args.command == "baseline":
         run_id, finals = experiment.run_baseline(args.method, args.dataset, args.model, args.preset or "cpu",
                                                  config_file=args.config, overrides=overrides,

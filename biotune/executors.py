@@ -166,19 +166,20 @@ class ProcessExecutor(Executor):
                 future = pool.submit(function, shared, *calls[index])
             running[future] = (index, pool)
 
-        try:
-            for index in range(len(calls)):
-                submit(index)
-            while running:
+        waiting = list(range(len(calls)))  # at most ``workers`` out at once: a worker that dies then
+        try:                                # costs only the runs that were going, not the queued ones
+            while waiting or running:
+                while waiting and len(running) < self.workers:
+                    submit(waiting.pop(0))
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in done:
                     index, pool = running.pop(future)
                     try:
                         result = future.result()
                     except BrokenProcessPool as error:
-                        # A worker died and broke its pool: every call in that pool fails like this,
-                        # and the pool cannot say whose run killed the worker, so each spends an
-                        # attempt (Ray, by contrast, charges a dead worker to its own task).
+                        # A worker died and broke its pool: every call going in that pool fails like
+                        # this, and the pool cannot say whose run killed the worker, so each spends
+                        # an attempt (Ray, by contrast, charges a dead worker to its own task).
                         if pool is self.pool:
                             self._discard_pool()
                         failure = f"worker process died ({error})"
@@ -190,7 +191,7 @@ class ProcessExecutor(Executor):
                     retry = attempts[index] < ATTEMPTS
                     _log_failure(function, calls[index], failure, retrying=retry)
                     if retry:
-                        submit(index)
+                        waiting.insert(0, index)
                     else:
                         yield index, TaskFailure(failure)
         finally:
@@ -244,13 +245,14 @@ class RayExecutor(Executor):
                 ray.init(log_to_driver=True)
             else:  # a local cluster with room for the asked concurrency
                 ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=False)
-        available = ray.cluster_resources()
-        if gpus_per_run > available.get("GPU", 0) or threads > available.get("CPU", 0):
-            raise ConfigError(f"run.gpus_per_run={gpus_per_run} GPUs and {threads} CPUs (torch threads) per training "
-                              f"run, but this Ray cluster has {available.get('GPU', 0):g} GPUs and "
-                              f"{available.get('CPU', 0):g} CPUs: the runs would wait forever. Lower "
-                              "run.gpus_per_run or train.num_threads, or connect to a cluster that has them "
-                              "(RAY_ADDRESS)")
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        if not any(gpus_per_run <= node.get("GPU", 0) and threads <= node.get("CPU", 0) for node in nodes):
+            largest = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), default={})
+            raise ConfigError(f"each training run asks for {gpus_per_run:g} GPUs (run.gpus_per_run) and {threads} CPUs "
+                              f"(its torch threads), but no node of this Ray cluster has them (the largest: "
+                              f"{largest.get('GPU', 0):g} GPUs, {largest.get('CPU', 0):g} CPUs): the runs would wait "
+                              "forever. Lower run.gpus_per_run or train.num_threads, or start a node that has them "
+                              "(an autoscaling cluster: start one before the search)")
         self.task = ray.remote(num_cpus=threads, num_gpus=gpus_per_run, max_retries=ATTEMPTS - 1,
                                retry_exceptions=True, max_calls=1 if gpus_per_run else 0)(_ray_call)
 

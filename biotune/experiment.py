@@ -6,6 +6,7 @@ the final results and a convergence figure (docs/algorithm.md §9).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -63,21 +64,25 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def run_metadata(device_name: str) -> dict:
-    """Git commit and dirty flag, package versions, device: stored with every run."""
+def run_metadata(device_name: str, executor: str = "serial") -> dict:
+    """Git commit and dirty flag, package versions, device: stored with every run. With Ray the
+    runs train on the workers' devices, which each per-seed record names (its ``worker``)."""
     versions = {}
     for package in PACKAGES:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        import torch
-
-        device_label = torch.cuda.get_device_name(device)
+    if executor == "ray":
+        device, device_label = device_name, "the Ray workers' (see each run's worker)"
     else:
-        device_label = platform.processor() or platform.machine()
+        device = resolve_device(device_name)
+        if device.type == "cuda":
+            import torch
+
+            device_label = torch.cuda.get_device_name(device)
+        else:
+            device_label = platform.processor() or platform.machine()
     status = _git("status", "--porcelain")
     return {
         "git_commit": _git("rev-parse", "HEAD"),
@@ -131,7 +136,7 @@ def run_overrides(dataset, model, overrides, store) -> dict:
 def _start_run(config: cfg.Config, store: RunStore, *, kind: str, method: str, run_id: str | None = None,
                **meta_extra) -> tuple[str, Path]:
     run_id = run_id or new_run_id(method, config.data.dataset)
-    meta = run_metadata(config.train.device) | meta_extra
+    meta = run_metadata(config.train.device, config.run.executor) | meta_extra
     store.create_run(run_id, kind=kind, method=method, config=config.to_dict(), meta=meta)
     folder = run_dir(config, run_id)
     _write_json(folder / "config.json", config.to_dict())
@@ -176,6 +181,9 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
         config, store_obj = _resumed_config(resume, store)
         config = with_run_settings(config, run_settings)
         run_id = resume
+        retrained = store_obj.drop_trailing_failures(run_id)
+        if retrained:
+            log.info("run %s: the %d failed evaluations it stopped on are trained again", run_id, retrained)
     else:
         config = cfg.resolve(preset or "cpu", config_file, run_overrides(dataset, model, overrides, store))
         store_obj = RunStore(config.store_path)
@@ -224,9 +232,12 @@ def split_run_settings(overrides: list[str] | dict | None) -> tuple[dict, dict]:
 
 
 def with_run_settings(config: cfg.Config, run_settings: dict) -> cfg.Config:
-    """``config`` with other executor settings; switching to serial drops the stored workers."""
+    """``config`` with other executor settings; another executor drops the stored settings it
+    cannot use (serial: the workers; serial and process: the GPU share)."""
     if run_settings.get("executor") == "serial":
         run_settings = {"workers": 1, **run_settings}
+    if run_settings.get("executor") in ("serial", "process"):
+        run_settings = {"gpus_per_run": 0.0, **run_settings}
     return cfg.validate(cfg.merge(config, {"run": run_settings}, "override")) if run_settings else config
 
 
@@ -332,7 +343,8 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
     before the run exists, so bad data leaves no run behind. The settings and seeds go through
     the run's executor (``run.executor``); each row is stored as it finishes. A setting and seed
     whose training raised twice is not stored: the protocol raises ``TrainingFailedError`` after
-    the others, so the run is not marked finished, and the next call trains only what is missing.
+    the others (a baseline run is then not marked finished), and the next call trains only what
+    is missing.
     """
     model, dataset = inputs
     grid = grid if grid is not None else make_method().grid
@@ -346,21 +358,24 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
     with make_executor(config.run, config.train) as executor:
         calls = [(make_method, setting, seed, progress and executor.in_process) for _, setting, seed in todo]
         shared = executor.share((model, dataset, config.train))
-        for index, outcome in executor.map(final_run, calls, shared):  # stored as each finishes
-            key, _, seed = todo[index]
-            if isinstance(outcome, TaskFailure):
-                failures.append(f"setting {key} seed {seed}: {outcome.error}")
-                continue
-            row = {"method": method_name, "setting": key, "seed": seed, **outcome["row"]}
-            if outcome["report"] is not None:  # appended before the row is stored: a kill loses none (a rerun repeats it)
-                name, table = outcome["report"]
-                table.assign(setting=key, seed=seed).to_csv(folder / name, mode="a", index=False,
-                                                             header=not (folder / name).is_file())
-            store.add_final(run_id, row)
+        with contextlib.closing(executor.map(final_run, calls, shared)) as finished:
+            for index, outcome in finished:  # stored as each finishes
+                key, _, seed = todo[index]
+                if isinstance(outcome, TaskFailure):
+                    failures.append(f"setting {key} seed {seed}: {outcome.error}")
+                    continue
+                row = {"method": method_name, "setting": key, "seed": seed, **outcome["row"]}
+                if outcome["report"] is not None:  # appended before the row is stored: a kill loses none (a rerun repeats it)
+                    name, table = outcome["report"]
+                    table.assign(setting=key, seed=seed).to_csv(folder / name, mode="a", index=False,
+                                                                 header=not (folder / name).is_file())
+                store.add_final(run_id, row)
     if failures:
         raise TrainingFailedError(
             f"run {run_id}: {len(failures)} of {len(todo)} training runs of the final protocol raised twice "
-            f"({'; '.join(failures)}); the others are stored, and running the protocol again trains only these")
+            f"({'; '.join(failures)}); the others are stored. Continue with `biotune final {run_id}` for a search, "
+            "or the same row again (biotune.run_method / run_many / run_baseline(reuse=True)) for a baseline: "
+            "they train only what is missing")
     finals = store.select_final_setting(run_id, method_name)
     finals.to_csv(folder / "final.csv", index=False)
     return finals

@@ -13,6 +13,7 @@ earlier runs (approximate, ``Pruner``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -197,7 +198,8 @@ class Evaluator:
         self.use_cache = config.ga.cache and config.ga.ga_variant == "improved"
         self.pruner = Pruner(config.ga) if config.ga.prune else None
         self.failed_in_a_row = 0
-        resolve_device(config.train.device)  # a device this machine lacks fails here, not in every run
+        if config.run.executor != "ray":  # a device this machine lacks fails here, not in every run
+            resolve_device(config.train.device)
         self.executor = executor or SerialExecutor()
         self.inputs = self.executor.share(FitnessInputs(model, dataset, folds, config.train))
         self.train_key = json.dumps([asdict(config.train), asdict(config.data), asdict(config.model)],
@@ -224,7 +226,7 @@ class Evaluator:
         """Fitness of each request (genes, fold, generation, individual, role), in order."""
         first, self.seq = self.seq, self.seq + len(requests)
         fitness: list[float | None] = [None] * len(requests)
-        trained_in_batch = []  # (seq, fold, per_seed): told to the pruner after the batch, in order
+        stored_runs = []  # (seq, fold, per_seed) of stored evaluations: told to the pruner after the batch
         training: dict[int, _Training] = {}  # position in the batch -> evaluation being trained
         leaders: dict[str, _Training] = {}
         for position, request in enumerate(requests):
@@ -236,7 +238,7 @@ class Evaluator:
                         f"run {self.run_id}: evaluation {seq} was stored for another genome or fold; the run's "
                         "config or code changed since it started, so it cannot be resumed exactly")
                 if stored["train_runs"]:
-                    trained_in_batch.append((seq, stored["fold"], stored["per_seed"]))
+                    stored_runs.append((seq, stored["fold"], stored["per_seed"]))
                 fitness[position] = stored["fitness"]
                 continue
             plan = decode(genes, self.block_names, self.config.ga.encoding)
@@ -255,32 +257,50 @@ class Evaluator:
 
         snapshots = {fold: self.pruner.snapshot(fold) for fold in {t.request["fold"] for t in training.values()}} \
             if self.pruner is not None else {}
+        outcomes = {}  # seq -> outcome of the evaluations trained in this batch
+        while training:
+            training = self._train_batch(training, snapshots, fitness, outcomes)
+        if self.pruner is not None:
+            new_runs = [(seq, o["fold"], o["per_seed"]) for seq, o in outcomes.items() if o["train_runs"]]
+            for _, fold, per_seed in sorted(stored_runs + new_runs, key=lambda item: item[0]):
+                self.pruner.add(fold, per_seed)
+        for seq in sorted(outcomes):  # in sequence order, so the stop does not depend on the executor
+            self._count_failures(outcomes[seq])
+        return fitness
+
+    def _train_batch(self, training: dict, snapshots: dict, fitness: list, outcomes: dict) -> dict:
+        """Send the runs of ``training`` (position -> _Training) to the executor; store each
+        evaluation, and its repeats in the batch, when its last run finishes. Returns the repeats
+        of plans that failed, as the next round to train: a failure is not cached, so one after
+        another each repeat would have trained again."""
         calls, owners = [], []
         for position, job in training.items():
             for seed_position, seed in enumerate(self.config.train.seeds):
                 calls.append((job.plan, job.request["fold"], seed, snapshots.get(job.request["fold"]),
                               self.progress and self.executor.in_process))
                 owners.append((position, seed_position))
-        for call, result in self.executor.map(fitness_run, calls, self.inputs):
-            position, seed_position = owners[call]
-            job = training[position]
-            job.runs[seed_position] = result if not isinstance(result, TaskFailure) else \
-                {"seed": self.config.train.seeds[seed_position], "status": "failed", "error": result.error}
-            if len(job.runs) < len(self.config.train.seeds):
-                continue
-            per_seed = [job.runs[i] for i in range(len(job.runs))]
-            outcome, prefix, seconds = self._outcome(per_seed)
-            failed = outcome["status"] == "failed"  # not cached: the plan is trained again when asked again
-            fitness[position] = self._store(job.seq, job.request, job.genes, job.plan, outcome, prefix=prefix,
-                                            seconds=seconds, cache_key=job.key if self.use_cache and not failed else None)
-            trained_in_batch.append((job.seq, job.request["fold"], outcome["per_seed"]))
-            for follower, seq, request, genes, plan in job.followers:
-                fitness[follower] = self._store(seq, request, genes, plan, outcome, cache_hit=True)
-            self._count_failures(outcome)
-        if self.pruner is not None:
-            for _, fold, per_seed in sorted(trained_in_batch, key=lambda item: item[0]):
-                self.pruner.add(fold, per_seed)
-        return fitness
+        next_round = {}
+        with contextlib.closing(self.executor.map(fitness_run, calls, self.inputs)) as finished:
+            for call, result in finished:
+                position, seed_position = owners[call]
+                job = training[position]
+                job.runs[seed_position] = result if not isinstance(result, TaskFailure) else \
+                    {"seed": self.config.train.seeds[seed_position], "status": "failed", "error": result.error}
+                if len(job.runs) < len(self.config.train.seeds):
+                    continue
+                outcome, prefix, seconds = self._outcome([job.runs[i] for i in range(len(job.runs))])
+                failed = outcome["status"] == "failed"  # not cached: the plan is trained again when asked again
+                fitness[position] = self._store(job.seq, job.request, job.genes, job.plan, outcome, prefix=prefix,
+                                                seconds=seconds,
+                                                cache_key=job.key if self.use_cache and not failed else None)
+                outcomes[job.seq] = {**outcome, "fold": job.request["fold"]}
+                if failed and job.followers:
+                    (position, seq, request, genes, plan), *rest = job.followers
+                    next_round[position] = _Training(seq, request, genes, plan, job.key, followers=rest)
+                    continue
+                for follower, seq, request, genes, plan in job.followers:
+                    fitness[follower] = self._store(seq, request, genes, plan, outcome, cache_hit=True)
+        return next_round
 
     def _count_failures(self, outcome: dict) -> None:
         """Stop the search when ``MAX_FAILED_IN_A_ROW`` evaluations in a row failed (each run
@@ -292,8 +312,9 @@ class Evaluator:
             error = next(r["error"] for r in outcome["per_seed"] if r["status"] == "failed")
             raise TrainingFailedError(
                 f"run {self.run_id}: {self.failed_in_a_row} evaluations in a row failed, each training run twice; "
-                f"the last error: {error}. The search stops here (its finished evaluations are kept); fix the "
-                "cause, then start a new run")
+                f"the last error: {error}. The search stops here, its finished evaluations kept; fix the cause, "
+                f"then resume it (biotune search --resume {self.run_id}): the failed evaluations at its end are "
+                "trained again")
 
     def _store(self, seq: int, request: dict, genes: list[float], plan, outcome: dict, *, cache_hit: bool = False,
                prefix: str = NOT_APPLICABLE, seconds: float = 0.0, cache_key: str | None = None) -> float:

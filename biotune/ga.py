@@ -294,7 +294,7 @@ class BioTuneGA:
         restored (improved: +d is kept if it beats the elite); the kept gene is stored unclipped
         (improved: clipped, as it was evaluated).
         """
-        moves = []  # (elite, gene, +d value, -d value), all drawn before any trial is scored
+        moves = []  # (index, elite, gene, +d value, -d value), all drawn before any trial is scored
         for index, elite in enumerate(self.population[: self.cfg.elites]):
             candidates = trained_genes(list(elite), self.num_blocks, self.cfg.encoding)
             if not candidates and not self.improved:

@@ -208,6 +208,16 @@ class RunStore:
         row = self.db.execute("SELECT * FROM evaluations WHERE run_id = ? AND seq = ?", (run_id, seq)).fetchone()
         return _decode(dict(row)) if row else None
 
+    def drop_trailing_failures(self, run_id: str) -> int:
+        """Delete the failed evaluations after the run's last evaluation that did not fail (those
+        that stopped a search, ``fitness.MAX_FAILED_IN_A_ROW``), so a resume trains them again;
+        nothing stored after them depends on them. Returns how many were deleted."""
+        with self._write() as db:
+            cursor = db.execute(
+                "DELETE FROM evaluations WHERE run_id = ? AND status = 'failed' AND seq > COALESCE("
+                "(SELECT MAX(seq) FROM evaluations WHERE run_id = ? AND status != 'failed'), -1)", (run_id, run_id))
+        return cursor.rowcount
+
     def evaluations(self, run_id: str | None = None) -> pd.DataFrame:
         """One row per evaluation (tidy); JSON columns decoded to Python objects."""
         query, args = "SELECT * FROM evaluations", ()

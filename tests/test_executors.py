@@ -81,6 +81,27 @@ def test_a_call_that_raises_is_retried_once_then_reported_and_the_others_go_on(k
     assert results[2] == "shared after 1 calls"
 
 
+def dies_once(shared, counter: str, die: bool) -> int:
+    """Kills its worker process on its first call when ``die``; returns how often it was called."""
+    path = Path(counter)
+    calls = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(calls))
+    if die and calls == 1:
+        os._exit(1)
+    time.sleep(0.2)
+    return calls
+
+
+@pytest.mark.slow
+def test_a_dead_pool_worker_costs_only_the_runs_that_were_going(tmp_path):
+    calls = [(str(tmp_path / "dies"), True), *((str(tmp_path / f"run{i}"), False) for i in range(4))]
+    with ProcessExecutor(workers=2, threads=1) as executor:
+        results = dict(executor.map(dies_once, calls))
+    assert results[0] == 2  # the run that killed its worker, retried
+    assert all(results[i] in (1, 2) for i in range(1, 5)) and sum(results[i] == 1 for i in range(1, 5)) >= 3
+    # at most the one run that shared the pool with it then spends an attempt; the queued ones do not
+
+
 def test_make_executor_follows_the_run_section():
     train = cfg.TrainConfig(num_threads=1)
     assert isinstance(make_executor(cfg.RunConfig(), train), SerialExecutor)
@@ -199,11 +220,46 @@ def test_a_search_whose_runs_fail_every_time_stops_with_the_error(tmp_path, smok
 
     monkeypatch.setattr(fitness, "train", broken_train)
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
-    with pytest.raises(TrainingFailedError, match=r"3 evaluations in a row failed.*fused_adam"):
+    with pytest.raises(TrainingFailedError, match=r"3 evaluations in a row failed.*fused_adam.*--resume"):
         run_search(tmp_path, "broken", overrides)
     with RunStore(tmp_path / "broken.sqlite") as db:
         run = db.runs().iloc[0]
         assert run["status"] == "failed" and run["evaluations"] == fitness.MAX_FAILED_IN_A_ROW
+    # the cause fixed, a resume trains the failed evaluations it stopped on: the search an
+    # uninterrupted run makes
+    monkeypatch.undo()
+    resumed = biotune.search(resume=run["run_id"], store=tmp_path / "broken.sqlite", progress=False)
+    reference = run_search(tmp_path, "reference", overrides)
+    assert resumed.evaluations[COLUMNS].to_dict("records") == reference.evaluations[COLUMNS].to_dict("records")
+
+
+def test_a_repeat_of_a_failed_plan_in_one_batch_is_trained_as_one_after_another_would(tmp_path, smoke_config,
+                                                                                       smoke_inputs, monkeypatch):
+    real_train, attempts = fitness.train, []
+
+    def fail_twice(*args, **kwargs):  # the first run and its retry
+        attempts.append(1)
+        if len(attempts) <= 2:
+            raise RuntimeError("transient")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(fitness, "train", fail_twice)
+    model, dataset = smoke_inputs
+    from biotune.data import make_folds
+
+    folds = make_folds(dataset.train.labels, dataset.val.labels, 0.5, seed=0)
+    store = RunStore(tmp_path / "repeat.sqlite")
+    store.create_run("repeat", kind="search", method="biotune", config=smoke_config.to_dict(), meta={})
+    evaluator = fitness.Evaluator(model=model, dataset=dataset, folds=folds, config=smoke_config, store=store,
+                                  run_id="repeat", progress=False)
+    genes = [0.9] * (len(model.blocks) + 1)
+    genes[-1] = 0.1
+    request = {"genes": genes, "fold": 0, "generation": 0, "role": "exploit"}
+    evaluator.evaluate_many([{**request, "individual": i} for i in range(3)])
+    rows = store.evaluations("repeat")[["seq", "status", "train_runs", "cache_hit"]].to_dict("records")
+    assert rows == [{"seq": 0, "status": "failed", "train_runs": 1, "cache_hit": 0},
+                    {"seq": 1, "status": "ok", "train_runs": 1, "cache_hit": 0},
+                    {"seq": 2, "status": "ok", "train_runs": 0, "cache_hit": 1}]
 
 
 def test_a_final_protocol_run_that_fails_is_not_stored_and_the_next_call_trains_only_it(tmp_path, smoke_config,
@@ -302,6 +358,16 @@ def test_the_run_section_is_typed_and_checked():
     assert cfg.resolve("cpu", overrides={"run.executor": "ray", "run.gpus_per_run": 0.25}).run.gpus_per_run == 0.25
 
 
+def test_another_executor_drops_the_stored_settings_it_cannot_use():
+    from biotune.experiment import with_run_settings
+
+    on_ray = cfg.resolve("cpu", overrides={"run.executor": "ray", "run.workers": 4, "run.gpus_per_run": 0.25})
+    on_pool = with_run_settings(on_ray, {"executor": "process"})
+    assert (on_pool.run.executor, on_pool.run.workers, on_pool.run.gpus_per_run) == ("process", 4, 0.0)
+    serial = with_run_settings(on_ray, {"executor": "serial"})
+    assert (serial.run.workers, serial.run.gpus_per_run) == (1, 0.0)
+
+
 def test_the_executor_is_not_part_of_a_row_s_identity(tmp_path, smoke_config):
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
     first = biotune.run_method("full", preset="smoke", overrides=overrides, store=tmp_path / "s.sqlite",
@@ -335,6 +401,11 @@ def test_the_cli_takes_executor_and_workers_and_names_a_bad_value(tmp_path, smok
     good = subprocess.run([*base, "--executor", "process", "--workers", "2"], capture_output=True, text=True,
                           timeout=300)
     assert good.returncode == 0, good.stderr
+    run_id = good.stdout.split()[1].rstrip(":")
+    final = subprocess.run([sys.executable, "-m", "biotune", "--store", str(tmp_path / "cli.sqlite"), "final", run_id,
+                            "--quiet", "--executor", "process", "--run.workers", "2"],
+                           capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0 and run_id in final.stdout, final.stderr
 
 
 @pytest.mark.slow

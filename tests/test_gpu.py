@@ -56,6 +56,7 @@ def test_ray_packs_runs_on_gpu_shares(smoke_config, tmp_path):
     finally:
         ray.shutdown()
     evaluations = packed.evaluations
-    assert (evaluations["status"] == "ok").all() and evaluations["seq"].tolist() == list(range(len(evaluations)))
+    assert not evaluations["status"].eq("failed").any()  # a child may train no block: no_trained_block
+    assert evaluations["seq"].tolist() == list(range(len(evaluations)))
     workers = {run["worker"] for per_seed in evaluations["per_seed"] for run in per_seed}
     assert f"{socket.gethostname()}:{os.getpid()}" not in workers and len(workers) > 1  # max_calls=1: a worker per task
