@@ -5,8 +5,8 @@ their training runs to ``Executor.map`` and read each result as it finishes; not
 code knows which executor runs them. Every executor keeps the same rules:
 
 - A call is ``function(shared, *arguments)``. ``shared`` is the large read-only input (the model
-  and the dataset): the process pool sends its tensors through shared memory, Ray puts it in its
-  object store once.
+  and the dataset): the process pool sends it with each call, its tensors through shared memory
+  (no copy); Ray puts it in its object store once.
 - A call that raises is retried once; if the retry raises too, its result is a ``TaskFailure``
   naming the error, and the other calls go on. A worker process that dies counts as a raise.
 - Workers return plain results; only the caller writes the run store (SQLite has one writer).
