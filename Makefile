@@ -9,7 +9,7 @@ DEVICE ?=
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: help setup data test test-fast demo lint bench clean experiments ablations figures notebooks notebooks-smoke
+.PHONY: help setup data test test-fast demo lint bench bench-parallel clean experiments ablations figures notebooks notebooks-smoke
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ demo: setup  ## small search + final protocol vs full FT and linear probing (a f
 
 bench: setup  ## plain PyTorch loop vs levers off vs exact levers vs pruning, side by side (PRESET=cpu)
 	$(BIN)/biotune bench --preset $(PRESET) --json results/bench_$(PRESET).json $(if $(DEVICE),--train.device $(DEVICE))
+
+bench-parallel: setup  ## one demo search with each executor (serial, process, ray; 1 and 2 workers), side by side
+	$(BIN)/biotune bench --parallel --preset demo --json results/bench_parallel_demo.json $(if $(DEVICE),--train.device $(DEVICE))
 
 NOTEBOOKS = $(BIN)/biotune notebooks run notebooks/$(PRESET).yaml $(if $(DEVICE),-p device=$(DEVICE)) $(if $(FORCE),--force)
 
