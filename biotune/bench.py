@@ -101,21 +101,21 @@ def parallel_bench(preset: str = "demo", overrides: list[str] | None = None,
     from .experiment import search
 
     base = cfg.resolve(preset, overrides=overrides)
-    rows, serial_by_threads = [], {}
+    rows, serial_by_threads, ray_started = [], {}, False
     with tempfile.TemporaryDirectory() as folder:
         for executor, workers, threads in runs:
-            changes = {"run.executor": executor, "run.workers": workers, "results_dir": f"{folder}/results"}
+            changes = [*(overrides or []), f"run.executor={executor}", f"run.workers={workers}",
+                       f"results_dir={folder}/results"]
             if threads == "per worker":
-                changes["train.num_threads"] = threads_per_run(cfg.RunConfig(workers=2), base.train)
-            config = cfg.resolve(preset, overrides=[*(overrides or []), *(f"{k}={v}" for k, v in changes.items())])
+                changes.append(f"train.num_threads={threads_per_run(cfg.RunConfig(workers=2), base.train)}")
+            config = cfg.resolve(preset, overrides=changes)
             ray_start = None
-            if executor == "ray" and "ray_start_seconds" not in {k for row in rows for k in row}:
+            if executor == "ray" and not ray_started:
                 started = time.perf_counter()
                 make_executor(config.run, config.train)  # starts the local Ray the searches then share
-                ray_start = time.perf_counter() - started
+                ray_start, ray_started = time.perf_counter() - started, True
             started = time.perf_counter()
-            result = search(preset=preset, overrides=[*(overrides or []), *(f"{k}={v}" for k, v in changes.items())],
-                            store=Path(folder) / f"{len(rows)}.sqlite", progress=False)
+            result = search(preset=preset, overrides=changes, store=Path(folder) / f"{len(rows)}.sqlite", progress=False)
             seconds = time.perf_counter() - started
             evaluations = result.evaluations[["seq", "genes", "fold", "fitness", "train_runs"]].to_dict("records")
             run_threads = threads_per_run(config.run, config.train) if executor != "serial" else (

@@ -72,8 +72,6 @@ class Executor:
     """``map`` runs calls and yields ``(index, result or TaskFailure)`` as each finishes. A caller
     that stops reading early (Ctrl-C, an error) cancels the calls still out."""
 
-    name = "executor"
-    workers = 1
     in_process = False  # calls run in the caller's process (so they may show progress bars)
 
     def share(self, value):
@@ -111,7 +109,6 @@ def _short(arguments: tuple) -> str:
 class SerialExecutor(Executor):
     """Every call in this process, one after another, in order."""
 
-    name = "serial"
     in_process = True
 
     def map(self, function, calls, shared=None):
@@ -136,8 +133,6 @@ def _start_process_worker(threads: int) -> None:
 class ProcessExecutor(Executor):
     """A pool of ``workers`` spawned processes on this machine (spawn: CUDA cannot be used in
     forked children). Tensors in ``shared`` go through torch's shared memory, not copies."""
-
-    name = "process"
 
     def __init__(self, workers: int, threads: int):
         self.workers, self.threads = workers, threads
@@ -231,8 +226,6 @@ class RayExecutor(Executor):
     """Ray core tasks, at most ``workers`` at once, each asking for ``threads`` CPUs and
     ``gpus_per_run`` GPUs (fractions pack several runs on one GPU). Connects to the cluster in
     ``RAY_ADDRESS`` when set, to a Ray already started in this process, or starts a local one."""
-
-    name = "ray"
 
     def __init__(self, workers: int, threads: int, gpus_per_run: float = 0.0):
         try:

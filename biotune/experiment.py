@@ -348,12 +348,10 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
     """
     model, dataset = inputs
     grid = grid if grid is not None else make_method().grid
-    finished = store.finals(run_id)
     folder = run_dir(config, run_id)
-    todo = [(json.dumps(setting, sort_keys=True), setting, seed) for setting in grid for seed in config.train.seeds]
-    done = finished[finished["method"] == method_name]
-    todo = [(key, setting, seed) for key, setting, seed in todo
-            if not ((done["setting"] == key) & (done["seed"] == seed)).any()]
+    done = set(store.finals(run_id).query("method == @method_name")[["setting", "seed"]].itertuples(index=False))
+    todo = [(key, setting, seed) for setting in grid for seed in config.train.seeds
+            if (key := json.dumps(setting, sort_keys=True), seed) not in done]
     failures = []
     with make_executor(config.run, config.train) as executor:
         calls = [(make_method, setting, seed, progress and executor.in_process) for _, setting, seed in todo]

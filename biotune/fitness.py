@@ -169,13 +169,14 @@ def fitness_run(inputs: FitnessInputs, plan, fold: int, seed: int, pruning: Prun
 class _Training:
     """An evaluation of a batch whose runs are out with the executor."""
 
+    position: int  # in the batch
     seq: int
     request: dict
     genes: list[float]
     plan: object
-    key: str | None  # evaluation-cache key
+    key: str  # evaluation-cache key
     runs: dict = field(default_factory=dict)  # seed position -> per-seed record
-    followers: list = field(default_factory=list)  # (position, seq, request, genes, plan): the same plan later in the batch
+    followers: list[_Training] = field(default_factory=list)  # the same plan later in the batch
 
 
 class Evaluator:
@@ -190,7 +191,6 @@ class Evaluator:
 
     def __init__(self, *, model, dataset, folds: list[Fold], config: Config, store: RunStore, run_id: str,
                  progress: bool = True, executor: Executor | None = None):
-        self.model, self.dataset, self.folds = model, dataset, folds
         self.config, self.store, self.run_id = config, store, run_id
         self.block_names = [b.name for b in model.blocks]
         self.progress = progress
@@ -251,9 +251,9 @@ class Evaluator:
             if cached is not None:
                 fitness[position] = self._store(seq, request, genes, plan, cached, cache_hit=True)
             elif self.use_cache and key in leaders:  # trained by an earlier request of this batch
-                leaders[key].followers.append((position, seq, request, genes, plan))
+                leaders[key].followers.append(_Training(position, seq, request, genes, plan, key))
             else:
-                training[position] = leaders[key] = _Training(seq, request, genes, plan, key)
+                training[position] = leaders[key] = _Training(position, seq, request, genes, plan, key)
 
         snapshots = {fold: self.pruner.snapshot(fold) for fold in {t.request["fold"] for t in training.values()}} \
             if self.pruner is not None else {}
@@ -295,11 +295,13 @@ class Evaluator:
                                                 cache_key=job.key if self.use_cache and not failed else None)
                 outcomes[job.seq] = {**outcome, "fold": job.request["fold"]}
                 if failed and job.followers:
-                    (position, seq, request, genes, plan), *rest = job.followers
-                    next_round[position] = _Training(seq, request, genes, plan, job.key, followers=rest)
+                    repeat = job.followers[0]  # trains next round; the later repeats follow it
+                    repeat.followers = job.followers[1:]
+                    next_round[repeat.position] = repeat
                     continue
-                for follower, seq, request, genes, plan in job.followers:
-                    fitness[follower] = self._store(seq, request, genes, plan, outcome, cache_hit=True)
+                for repeat in job.followers:
+                    fitness[repeat.position] = self._store(repeat.seq, repeat.request, repeat.genes, repeat.plan,
+                                                           outcome, cache_hit=True)
         return next_round
 
     def _count_failures(self, outcome: dict) -> None:

@@ -40,6 +40,7 @@ BioTuneGA's logbook, so the run's outputs and convergence figure are the same as
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import random
 
@@ -112,33 +113,28 @@ class Searcher:
         self.name, self.evaluate, self.progress = name, evaluate, progress
         self.genomes = proposer(name, num_genes=num_genes, num_blocks=num_blocks, config=config)
         self.batches = ga.evaluation_batches(config, n_folds)
-        self.schedule = ga.evaluation_schedule(config, n_folds)
 
     def run(self) -> ga.GAResult:
-        log.info("%s search: %d evaluations, BioTune's budget for this config", self.name, len(self.schedule))
-        records, everyone, individual = [], [], 0
-        with tqdm(total=len(self.schedule), desc=f"{self.name} evaluations", disable=not self.progress) as bar:
-            for position, (generation, fold, size) in enumerate(self.batches):
-                genomes = self.genomes.ask(size)
-                fitness = ga.score_many(self.evaluate, [
-                    {"genes": genes, "fold": fold, "generation": generation, "individual": individual + i,
-                     "role": "trial"} for i, genes in enumerate(genomes)])
-                self.genomes.tell(fitness)
-                population = [ga.make_individual(genes, value, fold=fold) for genes, value in zip(genomes, fitness)]
+        budget = sum(size for _, _, size in self.batches)
+        log.info("%s search: %d evaluations, BioTune's budget for this config", self.name, budget)
+        records, everyone = [], []
+        with tqdm(total=budget, desc=f"{self.name} evaluations", disable=not self.progress) as bar:
+            for generation, batches in itertools.groupby(self.batches, key=lambda batch: batch[0]):
+                population = []
+                for _, fold, size in batches:
+                    genomes = self.genomes.ask(size)
+                    fitness = ga.score_many(self.evaluate, [
+                        {"genes": genes, "fold": fold, "generation": generation, "individual": len(population) + i,
+                         "role": "trial"} for i, genes in enumerate(genomes)])
+                    self.genomes.tell(fitness)
+                    population += [ga.make_individual(genes, value, fold=fold) for genes, value in zip(genomes, fitness)]
+                    bar.update(size)
                 everyone += population
-                bar.update(size)
-                last_of_generation = position + 1 == len(self.batches) or self.batches[position + 1][0] != generation
-                individual = 0 if last_of_generation else individual + size
-                if last_of_generation:
-                    generation_members = everyone[len(everyone) - self.generation_size(generation):]
-                    records.append(_record(generation, fold, generation_members, everyone))
-                    bar.set_postfix(best=f"{records[-1]['best_so_far']:.4f}")
+                records.append(_record(generation, fold, population, everyone))
+                bar.set_postfix(best=f"{records[-1]['best_so_far']:.4f}")
         best = min(everyone, key=ga.fitness_of)
         return ga.GAResult(best_genes=list(best), best_fitness=ga.fitness_of(best), logbook=records,
                            evaluations=len(everyone))
-
-    def generation_size(self, generation: int) -> int:
-        return sum(size for g, _, size in self.batches if g == generation)
 
 
 def _record(generation: int, fold: int, population: list, everyone: list) -> dict:
