@@ -77,8 +77,10 @@ def run_bench(preset: str = "cpu", evaluations: int = 3, overrides: list[str] | 
                 rows.append({"path": path, "genome": label, **_evaluate(evaluator, genes)})
         for evaluator in evaluators.values():
             evaluator.store.close()
-    table = pd.DataFrame(rows).assign(trained_blocks=lambda t: t["genome"].map(
-        {label: sum(decode(genes, blocks, config.ga.encoding).trained_mask()) for label, genes in genomes}))
+    table = pd.DataFrame(rows).assign(
+        images_per_s=lambda t: t["train_images"] / t["seconds"],
+        trained_blocks=lambda t: t["genome"].map(
+            {label: sum(decode(genes, blocks, config.ga.encoding).trained_mask()) for label, genes in genomes}))
     summary = _summary(table, config, len(folds[0].train_idx))
     if json_file is not None:
         Path(json_file).write_text(json.dumps({"summary": summary, "rows": table.to_dict("records")}, indent=2))

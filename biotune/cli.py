@@ -226,7 +226,7 @@ def _run(args, overrides: list[str], rest: list[str]) -> int:
             raise cfg.ConfigError(f"--evaluations must be >= 0, got {args.evaluations}")
         table, summary = run_bench(preset=args.preset, evaluations=args.evaluations, overrides=overrides,
                                    json_file=args.json)
-        _print_table(table.round({"seconds": 2, "val_macro_acc": 4}))
+        _print_table(table.round({"seconds": 2, "images_per_s": 1, "val_macro_acc": 4}))
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -390,9 +390,10 @@ def final_run(shared: tuple, make_method, setting: dict, seed: int, progress: bo
            "epochs": result.epochs, "val_macro_acc": result.val.get("macro_acc")}
     report = None
     if result.ok:
-        test = evaluate(result.net, dataset, "test", batch_size=train_config.eval_batch_size, amp=train_config.amp)
+        test = evaluate(result.net, dataset, "test", batch_size=train_config.eval_batch_size, amp=train_config.amp,
+                        channels_last=train_config.channels_last)
         row.update(test_macro_acc=test["macro_acc"], test_top1=test["top1"], test_loss=test["loss"])
-        report = method.test_report(result.net, dataset, train_config.eval_batch_size)
+        report = method.test_report(result.net, dataset, train_config)
     return {"row": row, "report": report}
 
 

@@ -22,6 +22,8 @@ INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.DOTALL)
 INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*(<[^>]*>|[^)\s]+)(?:\s+[\"'(][^)]*)?\)")
 REFERENCE_LINK = re.compile(r"^ {0,3}\[[^\]]+\]:\s*(<[^>]*>|\S+)", re.MULTILINE)
 HTML_LINK = re.compile(r"<(?:a|img)\b[^>]*?\b(?:href|src)\s*=\s*[\"']([^\"']+)[\"']", re.IGNORECASE)
+HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$", re.MULTILINE)
+HTML_ANCHOR = re.compile(r"<a\b[^>]*?\b(?:id|name)\s*=\s*[\"']([^\"']+)[\"']", re.IGNORECASE)
 EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|//)", re.IGNORECASE)  # http:, https:, mailto:, ...
 
 
@@ -30,6 +32,18 @@ def links(markdown: str) -> list[str]:
     text = INLINE_CODE.sub("", FENCED_CODE.sub("", markdown))
     found = [m.group(1) for pattern in (INLINE_LINK, REFERENCE_LINK, HTML_LINK) for m in pattern.finditer(text)]
     return [target[1:-1] if target.startswith("<") and target.endswith(">") else target for target in found]
+
+
+def anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings (lower case, punctuation dropped, spaces to
+    hyphens, a repeated heading numbered -1, -2, ...), and its explicit HTML anchors."""
+    text, seen, found = FENCED_CODE.sub("", markdown), {}, set()
+    for heading in HEADING.findall(text):
+        heading = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link keeps its text
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return found | set(HTML_ANCHOR.findall(text))
 
 
 def markdown_sources() -> list[tuple[str, Path, str]]:
@@ -74,6 +88,26 @@ def test_every_relative_link_resolves_inside_the_repository():
             elif not resolved.exists():
                 broken.append(f"{label}: {target} does not exist")
     assert not broken, "broken links:\n  " + "\n  ".join(broken)
+
+
+def test_the_anchor_finder_follows_github():
+    text = "# Title\n## 7. The `final` protocol (§7)\n## Notes\n## Notes\n```\n# not a heading\n```\n<a id=\"x\"></a>\n"
+    assert anchors(text) == {"title", "7-the-final-protocol-7", "notes", "notes-1", "x"}
+
+
+def test_every_anchor_names_a_heading_of_its_document():
+    missing = []
+    for label, folder, text in markdown_sources():
+        for target in links(text):
+            if EXTERNAL.match(target) or "#" not in target:
+                continue
+            path, anchor = target.split("#", 1)
+            document = (folder / path).resolve() if path else ROOT / label
+            if document.suffix != ".md" or not document.is_file():  # notebooks' own cells; broken links: above
+                continue
+            if anchor not in anchors(document.read_text(encoding="utf-8")):
+                missing.append(f"{label}: {target} names no heading of {document.relative_to(ROOT)}")
+    assert not missing, "anchors without a heading:\n  " + "\n  ".join(missing)
 
 
 def repository_files() -> list[Path]:

@@ -62,9 +62,10 @@ class Method:
 
         return cosine_factor(epoch, cfg.cosine_t_max)
 
-    def test_report(self, net: torch.nn.Module, dataset, batch_size: int):
-        """A table of the method's own on the test split, which the final protocol writes to the
-        run folder as ``(file name, DataFrame)``; None for most methods (AdaFilter: gate usage)."""
+    def test_report(self, net: torch.nn.Module, dataset, cfg):
+        """A table of the method's own on the test split, run as the test evaluation is (``cfg``'s
+        batch size, autocast and memory format), which the final protocol writes to the run folder
+        as ``(file name, DataFrame)``; None for most methods (AdaFilter: gate usage)."""
         return None
 
 

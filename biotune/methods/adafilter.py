@@ -312,8 +312,9 @@ class AdaFilter(Method):
         return self.gate_penalty * sum(g.sum() for g in used) / sum(g.numel() for g in used)
 
     @torch.no_grad()
-    def test_report(self, net: AdaFilterNet, dataset, batch_size: int) -> tuple[str, pd.DataFrame]:
-        return "gate_usage.csv", self.gate_usage(net, dataset, "test", batch_size)
+    def test_report(self, net: AdaFilterNet, dataset, cfg) -> tuple[str, pd.DataFrame]:
+        return "gate_usage.csv", self.gate_usage(net, dataset, "test", cfg.eval_batch_size, amp=cfg.amp,
+                                                 channels_last=cfg.channels_last)
 
     def gate_usage(self, net: AdaFilterNet, dataset, split: str = "test", batch_size: int = 256, *,
                    amp: bool = True, channels_last: bool = True) -> pd.DataFrame:
