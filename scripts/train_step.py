@@ -56,7 +56,13 @@ if __name__ == "__main__":
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile takes minutes)")
     parser.add_argument("--json", help="write the rows and the profile to this file")
     args = parser.parse_args()
-    config = cfg.resolve(args.preset, overrides={"model.name": args.model} if args.model else None)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    try:
+        config = cfg.resolve(args.preset, overrides={"model.name": args.model} if args.model else None)
+        create_model(config.model.name, 10, config.model.weights)  # a wrong name or missing weights: fail here
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     size, batch = config.data.image_size, config.train.batch_size
