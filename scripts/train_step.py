@@ -12,6 +12,7 @@ the operators that take a channels-last step's time (torch.profiler). It explain
 """
 import argparse
 import atexit
+import copy
 import json
 import os
 import shutil
@@ -60,7 +61,7 @@ if __name__ == "__main__":
         parser.error(f"--steps must be at least 1, got {args.steps}")
     try:
         config = cfg.resolve(args.preset, overrides={"model.name": args.model} if args.model else None)
-        create_model(config.model.name, 10, config.model.weights)  # a wrong name or missing weights: fail here
+        pretrained = create_model(config.model.name, 10, config.model.weights).net  # a wrong name fails here
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     if config.train.num_threads:
@@ -76,7 +77,7 @@ if __name__ == "__main__":
         variants.append(("channels_last + torch.compile", torch.channels_last, False, True))
     rows = []
     for name, fmt, fused, compiled in variants:
-        net = create_model(config.model.name, 10, config.model.weights).net.to(memory_format=fmt).train()
+        net = copy.deepcopy(pretrained).to(memory_format=fmt).train()
         optimizer = torch.optim.Adam(net.parameters(), lr=config.train.base_lr, fused=fused or None)
         started = time.perf_counter()
         step = step_function(torch.compile(net) if compiled else net, optimizer,
