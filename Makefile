@@ -9,7 +9,7 @@ DEVICE ?=
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: help setup data test test-fast demo lint bench bench-parallel clean experiments ablations figures notebooks notebooks-smoke
+.PHONY: help setup data rehearse test test-fast demo lint bench bench-parallel clean experiments ablations study figures notebooks notebooks-smoke
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,10 +21,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m ipykernel install --user --name biotune --display-name "Python (biotune)" >/dev/null
 	touch $(STAMP)
 
-setup: $(STAMP) data  ## .venv with pinned packages, the `biotune` Jupyter kernel, offline data
-
-data:  ## install the offline default dataset (Debian's Fashion-MNIST) where apt can run
+setup: $(STAMP)  ## .venv with pinned packages, the `biotune` Jupyter kernel, offline data
 	@bash scripts/install_data.sh
+
+data: $(STAMP)  ## PRESET=cpu: Debian's Fashion-MNIST (apt); else fetch what notebooks/$(PRESET).yaml needs
+	@if [ "$(PRESET)" = cpu ]; then bash scripts/install_data.sh; \
+	else $(BIN)/biotune data fetch notebooks/$(PRESET).yaml; fi
+
+rehearse: setup  ## the paper plan on fake datasets, random weights, a tiny budget (about 2 min on 2 cores; DEVICE=cuda)
+	rm -rf results/rehearse
+	$(BIN)/biotune data fakes results/rehearse/data
+	$(BIN)/biotune notebooks run notebooks/rehearse.yaml --output-dir results/rehearse/notebooks $(if $(DEVICE),-p device=$(DEVICE))
 
 test: setup  ## the whole test suite (CPU, offline)
 	$(BIN)/python -m pytest -q
@@ -48,6 +55,9 @@ experiments: setup  ## notebook 01: datasets x models x methods (PRESET=cpu|pape
 
 ablations: setup  ## notebook 02: no LR genes, no freezing, population sizes, GA variant, searchers
 	$(NOTEBOOKS) --only 02_ablations
+
+study: setup  ## notebook 04: datasets x methods x seeds, means with intervals, paired tests (results/study/)
+	$(NOTEBOOKS) --only 04_study
 
 figures: setup  ## notebook 03: figures from the run store (PNG + PDF under results/figures/)
 	$(NOTEBOOKS) --only 03_figures

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +25,7 @@ from . import config as cfg
 from .executors import TaskFailure, make_executor
 from .experiment import final, run_baseline, run_overrides, search
 from .ga import evaluation_schedule
+from .gpus import here, runs_per_gpu_for, training_device
 from .methods import METHODS
 from .report import variant
 from .store import RunStore
@@ -31,6 +33,15 @@ from .store import RunStore
 log = logging.getLogger(__name__)
 
 SEARCHERS = cfg.CHOICES["ga.searcher"]
+# BioTune with our changes (docs/algorithm.md, "Robust BioTune"), each a switch of its own: rows
+# of a study by name. Each runs as a BioTune search with these overrides.
+BIOTUNE_VARIANTS = {
+    "biotune_robust": {"ga.encoding": "head_trained", "ga.final_selection": "rescore_top_k", "ga.fitness_val": "whole"},
+    "biotune_head": {"ga.encoding": "head_trained"},
+    "biotune_rescore": {"ga.final_selection": "rescore_top_k"},
+    "biotune_wholeval": {"ga.fitness_val": "whole"},
+    "biotune_bits": {"ga.encoding": "freeze_bits"},
+}
 ROW_KEYS = ("method", "dataset", "model", "preset", "overrides", "config_file", "label")
 
 
@@ -41,6 +52,7 @@ def run_method(method: str, dataset: str | None = None, model: str | None = None
 
     ``biotune.run_method("tpe", "digits", preset="cpu", overrides={"ga.population": 8})``
     """
+    method, overrides = runs_as(method, overrides)
     if method not in SEARCHERS:
         return run_baseline(method, dataset, model, preset, config_file=config_file, overrides=overrides,
                             store=store, reuse=reuse, progress=progress)[0]
@@ -65,31 +77,52 @@ def run_method(method: str, dataset: str | None = None, model: str | None = None
     return run_id
 
 
+def runs_as(method: str, overrides: list[str] | dict | None) -> tuple[str, list[str] | dict | None]:
+    """The method and overrides a row runs as: a BioTune variant is BioTune with its switches."""
+    if method in BIOTUNE_VARIANTS:
+        return "biotune", {**cfg.flat_overrides(overrides), **BIOTUNE_VARIANTS[method]}
+    return method, overrides
+
+
 def _with_searcher(overrides: list[str] | dict | None, searcher: str) -> list[str] | dict:
     if isinstance(overrides, dict):
         return {**overrides, "ga.searcher": searcher}
     return [*(overrides or []), f"ga.searcher={searcher}"]
 
 
-def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus_per_row: float = 0.0,
-             store: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
+def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus: list[int] | None = None,
+             runs_per_gpu: int | None = None, gpus_per_row: float = 0.0, store: str | Path | None = None,
+             progress: bool = False, on_finished: Callable[[int, dict], None] | None = None) -> pd.DataFrame:
     """Run experiment rows (dicts with ``method`` and optionally ``dataset``, ``model``,
     ``preset``, ``overrides``, ``config_file``, ``label``); return one line per row with its run
     id, or its error when it failed.
 
     ``jobs > 1`` runs that many rows at once, each a call of the executor (executors.py):
     ``executor="process"`` in spawned processes on this machine, ``"ray"`` as Ray tasks, each
-    asking for ``gpus_per_row`` GPUs. A row that raises is retried once (it resumes where it
-    stopped, ``run_method``) and then reported failed; the other rows go on. Each row writes the
-    run store itself, so the store must be a file every worker can reach.
+    asking for ``gpus_per_row`` GPUs. Rows go to ``gpus`` (torch indices; None: every visible
+    GPU), ``runs_per_gpu`` on each (None: as many as ``jobs`` needs), each process pinned to its
+    GPU and held to its share of the memory (gpus.py); the outcome's ``gpu`` says where a row ran.
+    A row that raises is retried once (it resumes where it stopped, ``run_method``) and then
+    reported failed; the other rows go on. A row out of GPU memory twice stops them all with
+    ``OutOfGPUMemoryError`` (the next rows would run out too). Each row writes the run store
+    itself, so the store must be a file every worker can reach. ``on_finished(index, outcome)``
+    is called in this process as each row ends (a study writes its table row by row).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     problems = [problem for row in rows for problem in _row_problems(row)]
     if problems:  # a typo fails now, not after hours of good rows
         raise ValueError("experiment rows that cannot run:\n  " + "\n  ".join(problems))
+    if runs_per_gpu is None:
+        runs_per_gpu = 1 if gpus_per_row else runs_per_gpu_for(jobs, gpus)
     run = cfg.validate(cfg.Config(run=cfg.RunConfig(executor="serial" if jobs == 1 and executor == "process" else executor,
-                                                     workers=jobs, gpus_per_run=gpus_per_row))).run
+                                                     workers=jobs, gpus_per_run=gpus_per_row, gpus=gpus,
+                                                     runs_per_gpu=runs_per_gpu))).run
+    if run.executor != "ray":  # rows train on this machine: a device they cannot use fails now, once
+        for config in map(_row_config, rows):
+            if training_device(config.run, config.train).type == "cuda" and config.train.device.startswith("cuda:"):
+                raise cfg.ConfigError(f"a row has train.device={config.train.device}, but run_many places rows on "
+                                      "GPUs itself: set the rows' train.device to cuda or auto, and pass gpus=[...]")
     outcomes = [None] * len(rows)
     store = str(Path(store).resolve()) if store is not None else None
     with make_executor(run, cfg.TrainConfig()) as pool:
@@ -97,8 +130,10 @@ def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus
         with contextlib.closing(pool.map(_run_row, [(row,) for row in rows], shared)) as finished:
             for index, outcome in finished:
                 if isinstance(outcome, TaskFailure):
-                    outcome = {"run_id": None, "status": "failed", "error": outcome.error, "seconds": None}
+                    outcome = {"run_id": None, "status": "failed", "error": outcome.error, "seconds": None, "gpu": None}
                 outcomes[index] = outcome
+                if on_finished is not None:
+                    on_finished(index, outcome)
     return pd.DataFrame([{"label": row.get("label"), "method": row["method"], "dataset": row.get("dataset"),
                           "model": row.get("model"), **outcome} for row, outcome in zip(rows, outcomes)])
 
@@ -109,14 +144,19 @@ def _row_problems(row: dict) -> list[str]:
     unknown = set(row) - set(ROW_KEYS)
     if unknown or "method" not in row:
         return [f"{row!r}: needs 'method'; allowed keys are {', '.join(ROW_KEYS)}"]
-    if row["method"] not in SEARCHERS and row["method"] not in METHODS.names():
-        return [f"{row!r}: {METHODS.unknown_message(row['method'])} (or a searcher: {', '.join(SEARCHERS)})"]
+    if row["method"] not in (*SEARCHERS, *BIOTUNE_VARIANTS) and row["method"] not in METHODS.names():
+        return [f"{row!r}: {METHODS.unknown_message(row['method'])} (or a searcher: "
+                f"{', '.join((*SEARCHERS, *BIOTUNE_VARIANTS))})"]
     try:
-        cfg.resolve(row.get("preset", "cpu"), row.get("config_file"),
-                    run_overrides(row.get("dataset"), row.get("model"), row.get("overrides"), None))
+        _row_config(row)
     except (cfg.ConfigError, FileNotFoundError) as error:
         return [f"{row!r}: {error}"]
     return []
+
+
+def _row_config(row: dict) -> cfg.Config:
+    return cfg.resolve(row.get("preset", "cpu"), row.get("config_file"),
+                       run_overrides(row.get("dataset"), row.get("model"), row.get("overrides"), None))
 
 
 def _run_row(shared: tuple, row: dict) -> dict:
@@ -131,7 +171,9 @@ def _run_row(shared: tuple, row: dict) -> dict:
     except Exception as error:
         log.error("row %s failed: %s: %s", row, type(error).__name__, error)
         raise
-    return {"run_id": run_id, "status": "ok", "error": None, "seconds": round(time.time() - started, 1)}
+    place = here()
+    return {"run_id": run_id, "status": "ok", "error": None, "seconds": round(time.time() - started, 1),
+            "gpu": place.gpu if place is not None else None}
 
 
 def ablation_rows(preset: str, dataset: str | None = None, model: str | None = None, *,

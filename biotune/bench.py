@@ -34,7 +34,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from . import config as cfg
 from .data import make_folds
-from .experiment import load_inputs
+from .experiment import load_data, load_inputs
 from .fitness import Evaluator
 from .ga import random_genome
 from .genome import decode, encode, num_genes
@@ -45,13 +45,14 @@ from .train import (
     cosine_factor,
     fresh_net,
     plan_param_groups,
+    resolve_amp,
     resolve_device,
     set_learning_rates,
     set_train_mode,
 )
 
 PATHS = ("plain loop", "levers off", "exact levers", "pruning")
-LEVERS = {"levers off": {"train.channels_last": False, "train.prefix_cache": False},
+LEVERS = {"levers off": {"train.channels_last": False, "train.prefix_cache": False, "train.cudnn_benchmark": False},
           "exact levers": {}, "pruning": {"ga.prune": True, "ga.prune_warmup": 1}}
 
 
@@ -81,7 +82,7 @@ def run_bench(preset: str = "cpu", evaluations: int = 3, overrides: list[str] | 
         images_per_s=lambda t: t["train_images"] / t["seconds"],
         trained_blocks=lambda t: t["genome"].map(
             {label: sum(decode(genes, blocks, config.ga.encoding).trained_mask()) for label, genes in genomes}))
-    summary = _summary(table, config, len(folds[0].train_idx))
+    summary = {**_summary(table, config, len(folds[0].train_idx)), **_resize_cost(config, folds[0], table)}
     if json_file is not None:
         Path(json_file).write_text(json.dumps({"summary": summary, "rows": table.to_dict("records")}, indent=2))
     return table, summary
@@ -215,6 +216,8 @@ def _plain_loop(model, dataset, plan, train_cfg: cfg.TrainConfig, fold) -> dict:
     if train_cfg.num_threads:  # as the trainer does, so the first path is not timed on other threads
         torch.set_num_threads(train_cfg.num_threads)
     started, device = time.perf_counter(), resolve_device(train_cfg.device)
+    amp = resolve_amp(train_cfg.amp, model)
+    torch.backends.cudnn.benchmark = False  # no lever here; the trainer sets it per run
     preprocess = dataset.preprocess
     transform = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preprocess.mean, preprocess.std)])
 
@@ -239,7 +242,7 @@ def _plain_loop(model, dataset, plan, train_cfg: cfg.TrainConfig, fold) -> dict:
             set_train_mode(net, frozen, train_cfg.frozen_bn)
             set_learning_rates(optimizer, train_cfg.base_lr * cosine_factor(epoch, train_cfg.cosine_t_max))
             for images, labels in train_loader:
-                with autocast(device, train_cfg.amp):  # bf16 on CUDA, as the trainer; nothing on the CPU
+                with autocast(device, amp):  # bf16 on CUDA, as the trainer; nothing on the CPU
                     loss = F.cross_entropy(net(images.to(device)).float(), labels.to(device))
                 optimizer.zero_grad()
                 loss.backward()
@@ -247,7 +250,7 @@ def _plain_loop(model, dataset, plan, train_cfg: cfg.TrainConfig, fold) -> dict:
                 images_seen += len(labels)
             net.eval()
             predicted, truth = [], []
-            with torch.no_grad(), autocast(device, train_cfg.amp):
+            with torch.no_grad(), autocast(device, amp):
                 for images, labels in val_loader:
                     predicted.append(net(images.to(device)).argmax(1).cpu())
                     truth.append(labels)
@@ -271,6 +274,28 @@ class _Transformed(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         image, label = self.samples[index]
         return self.transform(image), label
+
+
+def _resize_cost(config: cfg.Config, fold, table: pd.DataFrame) -> dict:
+    """What resizing each batch from the native size costs (data.store_at native, the paper
+    preset's storage), on the training device, beside the exact levers' seconds per image."""
+    native = load_data(dataclasses.replace(config, data=dataclasses.replace(config.data, store_at="native")))
+    images, device = native.train.images[fold.train_idx], resolve_device(config.train.device)
+    if images.shape[-1] == native.preprocess.image_size:
+        return {"per_batch_resize": "none: the images are stored at the input size"}
+    batches = [images[i:i + config.train.batch_size].to(device) for i in range(0, len(images), config.train.batch_size)]
+    native.to_input(batches[0])  # warm-up
+    started = time.perf_counter()
+    for batch in batches:
+        native.to_input(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds_per_image = (time.perf_counter() - started) / len(images)
+    levers = table[table["path"] == "exact levers"]
+    return {"per_batch_resize": {
+        "from": "x".join(map(str, images.shape[1:])), "to": native.preprocess.image_size,
+        "seconds_per_1000_images": round(1000 * seconds_per_image, 4),
+        "share_of_training_time": round(float(seconds_per_image / (levers["seconds"].sum() / levers["train_images"].sum())), 4)}}
 
 
 def _summary(table: pd.DataFrame, config: cfg.Config, train_images: int) -> dict:

@@ -12,6 +12,7 @@ from . import config as cfg
 from .executors import TrainingFailedError
 
 PRESETS = list(cfg.PRESETS)
+STUDY_METHODS = ("biotune", "biotune_robust", "random", "full", "linear_probe", "l2_sp")
 
 
 def _overrides(tokens: list[str]) -> list[str]:
@@ -42,6 +43,21 @@ def _add_executor_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=cfg.CHOICES["run.executor"],
                         help="where training runs execute (default serial); same as --run.executor")
     parser.add_argument("--workers", type=int, metavar="N", help="training runs at once; same as --run.workers")
+    parser.add_argument("--gpus", type=_gpu_list, metavar="0,1,...",
+                        help="GPUs the training runs go to, one worker pinned to each (default: every visible GPU; "
+                             "'all' resets a stored choice); same as --run.gpus")
+    parser.add_argument("--runs-per-gpu", type=int, metavar="N",
+                        help="training runs sharing each GPU, each held to 1/N of its memory; same as --run.runs_per_gpu")
+
+
+def _gpu_list(text: str) -> str:
+    """``0,1,3`` -> the YAML list ``[0,1,3]``; ``all`` -> null (every visible GPU)."""
+    if text.strip() == "all":
+        return "null"
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected GPU indices separated by commas, e.g. 0,1,2,3 (or all), got {text!r}")
+    return "[" + ",".join(parts) + "]"
 
 
 def _executor_overrides(args) -> list[str]:
@@ -50,6 +66,10 @@ def _executor_overrides(args) -> list[str]:
         pairs.append(f"run.executor={args.executor}")
     if getattr(args, "workers", None) is not None:
         pairs.append(f"run.workers={args.workers}")
+    if getattr(args, "gpus", None) is not None:
+        pairs.append(f"run.gpus={args.gpus}")
+    if getattr(args, "runs_per_gpu", None) is not None:
+        pairs.append(f"run.runs_per_gpu={args.runs_per_gpu}")
     return pairs
 
 
@@ -71,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("datasets", help="list dataset names")
+    datasets = sub.add_parser("datasets", help="list dataset names; `datasets describe NAME`: its splits' sizes and bytes")
+    datasets.add_argument("action", nargs="?", choices=["list", "describe"], default="list")
+    datasets.add_argument("name", nargs="?", help="with describe: a dataset name or path")
+    datasets.add_argument("--preset", choices=PRESETS, default="cpu", help="with describe: whose input size and storage")
+    datasets.add_argument("--model", help="with describe: whose input size (default: the preset's model)")
     sub.add_parser("models", help="list registered model names")
     describe = sub.add_parser("describe", help="a model's blocks: name, parameters, share")
     describe.add_argument("model")
@@ -98,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("runs", help="list runs with their status")
     compare = sub.add_parser("compare", help="one table for several runs")
     compare.add_argument("run_ids", nargs="+")
+
+    study = sub.add_parser("study", help="datasets x methods x seeds with intervals and paired tests "
+                                         "(results/study/NAME/: rows, summary, paired CSVs and figures)")
+    study.add_argument("--name", help="the study's folder under results/study/ (default: the preset's name)")
+    study.add_argument("--datasets", nargs="+", required=True, metavar="DATASET",
+                       help="dataset names (biotune datasets) or paths: .npz, .csv or an image folder")
+    study.add_argument("--methods", nargs="+", default=list(STUDY_METHODS), metavar="METHOD",
+                       help=f"searchers and baselines (default: {' '.join(STUDY_METHODS)})")
+    study.add_argument("--seeds", type=int, default=3, help="matched cells: search, training and split seeds (default 3)")
+    study.add_argument("--references", nargs="+", default=None, metavar="METHOD",
+                       help="methods every other is paired against (default: full random)")
+    study.add_argument("--model", help="model name (biotune models) or any timm model name")
+    study.add_argument("--preset", choices=PRESETS, default="cpu", help="config preset (default: cpu)")
+    study.add_argument("--jobs", type=int, default=1, help="rows at once, each in its own process")
+    study.add_argument("--executor", dest="row_executor", choices=("process", "ray"), default="process",
+                       help="how rows run at once (default process)")
 
     demo = sub.add_parser("demo", help="small search + final protocol vs full FT and linear probing")
     demo.add_argument("--preset", default="demo", choices=PRESETS)
@@ -130,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     run_plan.add_argument("--kernel", default="python3", help="Jupyter kernel (default: this Python)")
     params = notebook_commands.add_parser("params", help="a notebook's parameters, defaults and help")
     params.add_argument("notebook")
+    cost = notebook_commands.add_parser("cost", help="a plan's training images and GPU hours, estimated from the "
+                                        "throughput measured on an H100 (nothing trains)")
+    cost.add_argument("plan", help="YAML plan, e.g. notebooks/paper.yaml")
+    cost.add_argument("--gpus", nargs="+", type=int, default=[1, 4, 8], metavar="N",
+                      help="wall hours on N GPUs (default: 1 4 8)")
+    cost.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
+                      help="parameter for every notebook, as `notebooks run -p` takes it")
+
+    data = sub.add_parser("data", help="the datasets and weights a plan or names need: check, fetch, or write fakes")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    for name, text in (("check", "what is present and what is missing, in seconds (exit status 2 if anything is)"),
+                       ("fetch", "download what is missing, one item at a time, verified; then check")):
+        command = data_commands.add_parser(name, help=text)
+        command.add_argument("targets", nargs="+", metavar="PLAN_OR_NAME",
+                             help="plans (notebooks/paper.yaml), dataset names or paths, model names")
+        command.add_argument("--root", help="data root of every dataset (default: each plan run's data_root, else data)")
+        command.add_argument("--no-verify", action="store_true",
+                             help="accept files whose checksums differ from torchvision's (data.verify false)")
+    fakes = data_commands.add_parser("fakes", help="tiny fakes of the paper's datasets in their exact on-disk "
+                                                   "formats (make rehearse); read them with data.verify false")
+    fakes.add_argument("root", help="data root to write them under")
+    fakes.add_argument("names", nargs="*", help="datasets (default: all nine)")
     return parser
 
 
@@ -138,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if rest and args.command not in ("search", "baseline", "bench", "final", "demo"):
+    if rest and args.command not in ("search", "baseline", "bench", "final", "demo", "datasets", "study"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     overrides = (_overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
                  + _executor_overrides(args))
@@ -162,7 +224,11 @@ def _run(args, overrides: list[str], rest: list[str]) -> int:
     from .store import RunStore
 
     progress = not getattr(args, "quiet", False)
-    if args.command == "datasets":
+    if args.command == "datasets" and args.action == "describe":
+        _describe_dataset(args, overrides)
+    elif args.command == "datasets":
+        if args.name:
+            raise cfg.ConfigError(f"`biotune datasets` takes no name; describe one with: biotune datasets describe {args.name}")
         print("\n".join(list_datasets()))
     elif args.command == "models":
         print("\n".join(list_models()))
@@ -207,6 +273,10 @@ def _run(args, overrides: list[str], rest: list[str]) -> int:
         print(f"convergence figure and tables: {folder}")
     elif args.command == "notebooks":
         return _notebooks(args)
+    elif args.command == "study":
+        _study(args, overrides)
+    elif args.command == "data":
+        return _data(args)
     elif args.command == "bench":
         from .bench import method_costs, parallel_bench, run_bench, schedule_speedups
 
@@ -231,8 +301,100 @@ def _run(args, overrides: list[str], rest: list[str]) -> int:
     return 0
 
 
+def _describe_dataset(args, overrides: list[str]) -> None:
+    """Each split's images and the bytes they take in memory, on disk and at the model input."""
+    from .experiment import load_data, run_overrides
+
+    if not args.name:
+        raise cfg.ConfigError("datasets describe needs a dataset name or path, e.g. biotune datasets describe svhn")
+    config = cfg.resolve(args.preset, overrides=run_overrides(args.name, args.model, overrides, None))
+    dataset = load_data(config)
+    table = pd.DataFrame(dataset.describe())
+    print(f"{dataset.name} for {config.model.name} at {dataset.preprocess.image_size} px "
+          f"(preset {args.preset}, data.store_at {config.data.store_at}), cached under {config.data.root}/cache")
+    for column in ("memory_bytes", "disk_bytes", "at_input_bytes"):
+        table[column.replace("_bytes", "_MB")] = table.pop(column).map(
+            lambda b: "-" if b is None or pd.isna(b) else f"{b / 2**20:,.1f}")
+    _print_table(table)
+
+
+def _data(args) -> int:
+    """`data check|fetch`: one row per dataset and weight file, what is missing and the command that
+    fetches it on stderr, exit status 2 while anything is missing; `data fakes`."""
+    from . import staging
+
+    if args.data_command == "fakes":
+        from .fakes import FAKES, write_fake_dataset
+
+        for name in args.names or FAKES.names():
+            write_fake_dataset(name, args.root)
+        print(f"fakes of {', '.join(args.names or FAKES.names())} under {args.root}; read them with data.verify false")
+        return 0
+    plans = [target for target in args.targets if target.endswith((".yaml", ".yml"))]
+    configs = []
+    if plans:
+        from .notebooks import load_plan, training_configs
+
+        configs = [config for plan in plans for config in training_configs(load_plan(plan)[1])]
+    names = [target for target in args.targets if target not in plans]
+    needs = staging.merge_needs(staging.config_needs(configs) + staging.name_needs(names), root=args.root,
+                                verify=not args.no_verify)
+    statuses = staging.fetch(needs) if args.data_command == "fetch" else staging.check(needs)
+    _print_table(staging.table(statuses))
+    report = staging.missing_report(statuses)
+    if report:
+        print(report, file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plan_cost(plan: str, gpus: list[int], extra: dict) -> int:
+    """`notebooks cost`: per notebook and in total, images and hours as low-high ranges."""
+    from .estimate import plan_costs, summary
+
+    if min(gpus) < 1:
+        raise cfg.ConfigError(f"--gpus takes numbers of GPUs >= 1, got {gpus}")
+    costs = plan_costs(plan, extra)
+    table = summary(costs, gpus)
+
+    def span(column: str, digits: int) -> pd.Series:
+        return table[f"{column}_low"].round(digits).map(f"{{:,.{digits}f}}".format) + " - " + \
+            table[f"{column}_high"].round(digits).map(f"{{:,.{digits}f}}".format)
+
+    shown = pd.DataFrame({"notebook": table["notebook"], "rows": table["rows"].astype(int),
+                          "reused": table["reused"].astype(int), "training images": span("train_images", 0),
+                          "GPU hours": span("gpu_hours", 1)})
+    for n in gpus:
+        shown[f"wall hours, {n} GPU{'s' if n > 1 else ''}"] = [
+            f"{low:,.1f} - {high:,.1f}" for low, high in zip(table[f"wall_hours_low_{n}"], table[f"wall_hours_high_{n}"])]
+    _print_table(shown)
+    print("\nthroughput per model:")
+    for (model, source), rows in costs.groupby(["model", "throughput"]):
+        print(f"  {model}: {source} ({len(rows)} rows)")
+    print("reused: rows that are the run of an earlier row (cost nothing). low: every run stops at its earliest "
+          "(patience + 1 epochs), at the faster measured rate; high: every run trains max_epochs at the slower "
+          "rate. Assumptions: biotune/estimate.py; measurements: results/reference/throughput_h100.json")
+    return 0
+
+
+def _study(args, overrides: list[str]) -> None:
+    """Run or continue a study; print its test summary and paired comparisons."""
+    from .study import REFERENCES, run_study
+
+    tables, folder = run_study(args.name or args.preset, args.datasets, args.methods, args.seeds, preset=args.preset,
+                               model=args.model, overrides=overrides, references=tuple(args.references or REFERENCES),
+                               jobs=args.jobs, executor=args.row_executor, store=args.store, progress=args.jobs == 1)
+    for key in ("summary", "paired"):
+        _print_table(tables[key].query("metric == 'test'").drop(columns="metric").round(4))
+    failed = tables["rows"].query("status != 'ok'")
+    if len(failed):
+        print(f"biotune: {len(failed)} row(s) failed; their errors are in {folder / 'rows.csv'}", file=sys.stderr)
+    print(f"tables and figures: {folder}")
+
+
 def _notebooks(args) -> int:
-    """`notebooks run`: the summary table, exit status 1 if any notebook failed; `notebooks params`."""
+    """`notebooks run`: the summary table, exit status 1 if any notebook failed; `notebooks params`;
+    `notebooks cost`: the plan's estimated GPU hours."""
     try:
         from . import notebooks
     except ImportError as error:
@@ -249,6 +411,8 @@ def _notebooks(args) -> int:
             raise cfg.ConfigError(f"-p {pair!r}: expected NAME=VALUE with a parameter name, e.g. -p device=cuda "
                                   "or -p 'overrides={train.max_epochs: 3}'")
         extra[name] = cfg.load_yaml(raw, f"-p {name}") if raw else None
+    if args.notebooks_command == "cost":
+        return _plan_cost(args.plan, args.gpus, extra)
     summary = notebooks.run_plan(args.plan, output_dir=args.output_dir, force=args.force, only=args.only,
                                  extra_parameters=extra, kernel_name=args.kernel)
     _print_table(summary)

@@ -27,13 +27,16 @@ Rate = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 FrozenBN = Literal["eval", "train"]
 Fitness = Literal["acc", "acc+std", "loss"]
-Encoding = Literal["full", "no_lr_genes", "no_freezing"]
+Encoding = Literal["full", "no_lr_genes", "no_freezing", "head_trained", "freeze_bits"]
 GAVariant = Literal["improved", "reference"]
 SearcherName = Literal["biotune", "random", "tpe", "cmaes"]
 FinalSelection = Literal["best_so_far", "rescore_top_k"]
+FitnessValidation = Literal["fold", "whole"]
 Breeding = Literal["steady", "generational"]
 ExecutorName = Literal["serial", "process", "ray"]
+StoreAt = Literal["native", "input"]
 Device = Annotated[str, Strict(), Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")]
+Amp = Literal["auto", True, False]  # "auto": the model's measured precision (models.py)
 
 
 @dataclass
@@ -49,6 +52,13 @@ class DataConfig:
     split_seed: Seed = 0
     root: Text = "data"
     download: Flag = False
+    # torchvision's checksums on load (and `biotune data check`'s sha256 of weights); false accepts
+    # files that differ from the originals: re-packed copies, the fakes of `make rehearse`
+    verify: Flag = True
+    # "native": images smaller than the model input stay at their size in memory and on disk and
+    # are resized per batch on the training device (SVHN at 224 px: 0.3 GB, not 15); "input":
+    # resized once at load, cheaper per step where the input is small (the cpu presets)
+    store_at: StoreAt = "native"
     options: dict = field(default_factory=dict)  # source options, e.g. {"path": "my.npz"}
 
 
@@ -74,7 +84,8 @@ class TrainConfig:
     frozen_bn: FrozenBN = "eval"  # "eval": frozen blocks keep BatchNorm statistics; "train": released code
     seeds: Annotated[list[Seed], Field(min_length=1)] = field(default_factory=lambda: [684, 559, 629])
     device: Device = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
-    amp: Flag = True  # bfloat16 autocast on CUDA (ignored on CPU)
+    amp: Amp = "auto"  # bfloat16 autocast on CUDA (ignored on CPU); true/false force it
+    cudnn_benchmark: Flag = True  # cuDNN times its kernels once per input shape (fixed here); CUDA only
     num_threads: Count | None = None  # torch CPU threads (None: torch's default)
     # Exact speed levers (same math, float rounding aside); off only to measure them (biotune bench)
     channels_last: Flag = True  # NHWC tensors: about 1.8x faster for Lite0 on a 2-core CPU; cuDNN's preferred
@@ -101,6 +112,9 @@ class GAConfig:
     # whichever fold it met), or the best mean over every fold of the rescore_k best distinct
     # genomes, re-evaluated at the end (their cost is counted as evaluations of the run).
     final_selection: FinalSelection = "best_so_far"
+    # Where a fitness is scored: "fold", the fold's chunk of the validation split (the paper's);
+    # "whole", the whole validation split on every fold (ours: a small chunk is a noisy fitness)
+    fitness_val: FitnessValidation = "fold"
     rescore_k: Count = 3
     # Approximate lever, off by default (optuna's PercentilePruner): after prune_warmup finished
     # training runs on a fold, a run whose best validation macro accuracy after an epoch is below
@@ -123,6 +137,12 @@ class RunConfig:
     executor: ExecutorName = "serial"
     workers: Count = 1  # training runs at once (process, ray)
     gpus_per_run: NonNegative = 0.0  # ray: GPUs each training run asks for; 0.25 packs four on one GPU
+    # GPU placement (biotune/gpus.py): the GPUs runs go to (torch indices; None: every visible
+    # one) and how many share each (each with that fraction of its memory; ray: 1/runs_per_gpu
+    # GPUs per run unless gpus_per_run says otherwise)
+    gpus: Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(min_length=1)] | None = None
+    runs_per_gpu: Count = 1
+    require_gpu: Flag = False  # train.device=auto may not fall back to the CPU (the paper preset)
 
 
 @dataclass
@@ -145,24 +165,31 @@ class Config:
         return asdict(self)
 
 
-CHOICES = {"train.frozen_bn": get_args(FrozenBN), "ga.fitness": get_args(Fitness),
+CHOICES = {"data.store_at": get_args(StoreAt), "train.frozen_bn": get_args(FrozenBN), "ga.fitness": get_args(Fitness),
            "ga.encoding": get_args(Encoding), "ga.ga_variant": get_args(GAVariant),
-           "ga.searcher": get_args(SearcherName), "ga.final_selection": get_args(FinalSelection),
+           "ga.searcher": get_args(SearcherName), "ga.final_selection": get_args(FinalSelection), "ga.fitness_val": get_args(FitnessValidation),
            "ga.breeding": get_args(Breeding), "run.executor": get_args(ExecutorName)}
 
 # Presets override the defaults (which are the paper's recipe). The cpu values were chosen so a
 # whole cpu run (search + final for BioTune, full fine-tuning and linear probing) on one dataset
 # takes about an hour on 2 cores; `make bench` measures the time per evaluation.
 PRESETS: dict[str, dict] = {
-    "paper": {},
+    "paper": {"run": {"require_gpu": True}},  # days on a CPU: only with --train.device cpu
     "cpu": {
-        "data": {"image_size": 64, "max_train": 4000, "max_val": 1000, "max_test": 2000},
+        "data": {"image_size": 64, "max_train": 4000, "max_val": 1000, "max_test": 2000, "store_at": "input"},
         "train": {"max_epochs": 6, "patience": 2, "batch_size": 64, "eval_batch_size": 256,
                   "seeds": [684]},
         "ga": {"population": 6, "generations": 4, "elites": 2},
     },
+    # The multi-seed study on 2 cores (docs/results.md): 44 evaluations a search, 500-image
+    # validation folds where a dataset has them, pruning (for every searcher alike), 48 px
+    "study": {
+        "data": {"image_size": 48, "max_train": 2000, "max_val": 1000, "max_test": 2000, "store_at": "input"},
+        "train": {"max_epochs": 4, "patience": 2, "batch_size": 64, "eval_batch_size": 256, "seeds": [684]},
+        "ga": {"population": 6, "generations": 4, "elites": 2, "prune": True},
+    },
     "demo": {
-        "data": {"image_size": 48, "max_train": 1000, "max_val": 400, "max_test": 1000},
+        "data": {"image_size": 48, "max_train": 1000, "max_val": 400, "max_test": 1000, "store_at": "input"},
         "train": {"max_epochs": 3, "patience": 1, "batch_size": 64, "eval_batch_size": 256,
                   "seeds": [684]},
         "ga": {"population": 4, "generations": 3, "elites": 1},
@@ -268,6 +295,15 @@ def parse_overrides(pairs: list[str] | dict) -> dict:
     return nested
 
 
+def flat_overrides(overrides: list[str] | dict | None) -> dict:
+    """``["ga.population=8"]`` or ``{"ga.population": 8}`` -> ``{"ga.population": 8}``: one form
+    that callers can extend key by key."""
+    nested = parse_overrides(overrides or [])
+    return {f"{key}.{inner}" if isinstance(value, dict) else key: inner_value
+            for key, value in nested.items()
+            for inner, inner_value in (value.items() if isinstance(value, dict) else [(None, value)])}
+
+
 def resolve(preset: str = "cpu", config_file: str | Path | None = None,
             overrides: list[str] | dict | None = None) -> Config:
     """Build the run's config: defaults <- preset <- YAML file <- dotted overrides, then validate."""
@@ -323,15 +359,35 @@ def validate(config: Config) -> Config:
                           "time; add --executor process (this machine) or --executor ray")
     if checked.run.gpus_per_run and checked.run.executor != "ray":
         raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} needs run.executor=ray (Ray gives each "
-                          "training run its share of a GPU); the serial and process executors use train.device")
+                          "training run its share of a GPU); the serial and process executors place runs with "
+                          "run.gpus and run.runs_per_gpu")
     if checked.run.gpus_per_run and checked.train.device not in ("auto", "cuda"):
         raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} with train.device={checked.train.device}: "
                           "each Ray task trains on the GPU Ray assigns it; set train.device=auto or cuda, or "
                           "run.gpus_per_run=0")
+    _check_gpu_placement(checked.run, checked.train)
     if Path(checked.results_dir).exists() and not Path(checked.results_dir).is_dir():
         raise ConfigError(f"results_dir={checked.results_dir!r} is a file; run folders need a folder "
                           "(pass --results-dir DIR)")
     return checked
+
+
+def _check_gpu_placement(run: RunConfig, train: TrainConfig) -> None:
+    """What contradicts itself before any GPU is looked at; gpus.places checks the rest against
+    the GPUs this machine has."""
+    if run.gpus is not None and len(set(run.gpus)) < len(run.gpus):
+        raise ConfigError(f"run.gpus={run.gpus} names a GPU twice; to put several runs on one GPU, use "
+                          "run.runs_per_gpu (--runs-per-gpu N)")
+    if (run.gpus is not None or run.runs_per_gpu > 1) and train.device in ("cpu", "mps"):
+        raise ConfigError(f"run.gpus={run.gpus} and run.runs_per_gpu={run.runs_per_gpu} place training runs on "
+                          f"GPUs, but train.device={train.device}; drop them, or set train.device=auto or cuda")
+    pinned = re.fullmatch(r"cuda:(\d+)", train.device)
+    if pinned and run.gpus is not None and run.gpus != [int(pinned[1])]:
+        raise ConfigError(f"train.device={train.device} pins every run to GPU {pinned[1]}, but run.gpus={run.gpus}; "
+                          "set train.device=cuda (or auto) to spread runs over run.gpus")
+    if run.gpus_per_run and run.runs_per_gpu > 1:
+        raise ConfigError(f"run.gpus_per_run={run.gpus_per_run} and run.runs_per_gpu={run.runs_per_gpu} both say "
+                          "how much of a GPU a Ray run takes; give one of them")
 
 
 def _expected(problem: dict) -> str:

@@ -1,11 +1,13 @@
-"""Datasets as uint8 tensors: sources, stratified splits and folds, preprocessing done once.
+"""Datasets as uint8 tensors: sources, stratified splits and folds, images stored once.
 
 A *source* returns native images (numpy arrays, or file paths for photo sets) with labels and the
 official splits the dataset has. `load_dataset` then carves the missing splits (test: 20% with seed 0,
 so every method and search seed meets the same test images; validation: `val_fraction` of train),
-takes stratified subsets, resizes and crops every image once to the model input and caches the
-tensors: training never decodes an image. Normalisation stays per batch (`ImageDataset.normalize`)
-because it is cheap and keeps the stored data uint8. data/README.md describes every source.
+takes stratified subsets and stores the images once as uint8, in a memory-mapped cache that every
+process on the machine shares. With `store_at="native"` images smaller than the model input stay at
+their native size and `ImageDataset.to_input` resizes each batch on the training device, with the
+same function the load uses (`resize_to_input`); photo sets and `store_at="input"` are stored at the
+model input. data/README.md describes every source.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -48,11 +51,14 @@ TEST_SEED = 0  # fixed, unlike the validation seed, so the test images never cha
 MAX_DEFAULT_SIZE = 224  # default input size cap for photo sets loaded without a Preprocess
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DIGITS = [str(d) for d in range(10)]
+# the sources torchvision downloads (biotune data fetch NAME); isic2020 and user files are placed by hand
+FETCHABLE = ("cifar10", "stl10", "svhn", "usps", "mnist", "fashion_mnist", "flowers102", "fgvc_aircraft", "dtd")
 NPZ_KEYS = (*(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")), "class_names")
 NPZ_LAYOUT = ("train_images, train_labels and optionally val_images/val_labels, test_images/test_labels, "
               "class_names (the MedMNIST layout)")
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 1: one torch.save file per dataset at the model input
+STORE_AT = ("native", "input")
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
@@ -90,13 +96,23 @@ class Preprocess:
 
 @dataclass
 class Split:
-    """One split in memory: uint8 images (N, 3, S, S) already at the model input, int64 labels (N,)."""
+    """One split: uint8 images (N, 3, H, W) at their stored size, int64 labels (N,).
+
+    Read from the cache, it pickles as the cache file's path: a worker process or a Ray task maps
+    the same file instead of receiving a copy, so k processes on a machine hold the data once.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
+    cache_file: Path | None = field(default=None, repr=False, compare=False)  # <folder>/<split>
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __reduce__(self):
+        if self.cache_file is None:
+            return Split, (self.images, self.labels)
+        return _map_split, (self.cache_file,)
 
 
 @dataclass
@@ -115,10 +131,15 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 batch on any device -> float32 (x / 255 - mean) / std, as one multiply-add."""
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch as stored, on any device -> the model's float32 input: resized where it
+        is stored smaller than the input (`resize_to_input`, as the load would have), then
+        (x / 255 - mean) / std as one multiply-add."""
         if images.dtype != torch.uint8:
-            raise TypeError(f"normalize expects the stored uint8 images, got {images.dtype}")
+            raise TypeError(f"to_input expects the stored uint8 images, got {images.dtype}")
+        size = self.preprocess.image_size
+        if tuple(images.shape[-2:]) != (size, size):
+            images = resize_to_input(images, self.preprocess)
         if images.device not in self._scale_shift:  # once per device: a copy per batch would sync
             mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1)
                          for v in (self.preprocess.mean, self.preprocess.std))
@@ -134,6 +155,20 @@ class ImageDataset:
                 **{split: len(getattr(self, split)) for split in SPLITS},
                 "val_source": self.val_source, "test_source": self.test_source,
                 "preprocess": asdict(self.preprocess)}
+
+    def describe(self) -> list[dict]:
+        """Per split: images, stored size, bytes held (and on disk, when cached), and the bytes
+        the same images would take at the model input."""
+        size = self.preprocess.image_size
+        rows = []
+        for name in SPLITS:
+            split = getattr(self, name)
+            on_disk = (sum(f.stat().st_size for f in split.cache_file.parent.glob(f"{name}_*.npy"))
+                       if split.cache_file is not None else None)
+            rows.append({"split": name, "images": len(split), "stored": "x".join(map(str, split.images.shape[1:])),
+                         "memory_bytes": split.images.nbytes + split.labels.nbytes, "disk_bytes": on_disk,
+                         "at_input_bytes": len(split) * 3 * size * size})
+        return rows
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensors would be ambiguous
@@ -182,53 +217,60 @@ def list_datasets() -> list[str]:
 def load_dataset(name: str, preprocess: Preprocess | None = None, *, root: str | Path = "data",
                  download: bool = False, max_train: int | None = None, max_val: int | None = None,
                  max_test: int | None = None, val_fraction: float = 0.2, seed: int = 0,
-                 cache: bool = True, **source_options) -> ImageDataset:
+                 cache: bool = True, store_at: str = "native", verify: bool = True,
+                 **source_options) -> ImageDataset:
     """Load a dataset by name (or the path of an .npz, a .csv or an image folder) as uint8 tensors.
 
     Missing splits are carved, stratified: test first (TEST_FRACTION, TEST_SEED), then validation
     (`val_fraction` of train, `seed`); `max_*` then take stratified subsets (`seed`). Without a
-    `preprocess` the source's native size is kept. With `cache`, the tensors are stored under
-    `<root>/cache` and the next identical call reads them back.
+    `preprocess` the source's native size is kept. `store_at`: "native" keeps arrays smaller than
+    the input at their size (resized per batch by `to_input`), "input" resizes them once. With
+    `cache`, the tensors go to `<root>/cache` and every load, this one included, maps them from there.
+    `verify` false accepts torchvision files whose checksums differ from the originals (`reading_source`).
     """
+    if store_at not in STORE_AT:
+        raise ValueError(f"store_at must be one of {', '.join(STORE_AT)}, got {store_at!r}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     limits = {"train": max_train, "val": max_val, "test": max_test}
     for split, limit in limits.items():
         if limit is not None and limit < 1:
             raise ValueError(f"max_{split} must be a positive count or None, got {limit}")
-    source_name, options = _resolve_source(str(name), source_options)
+    source_name, options = resolve_source(str(name), source_options)
     source = DATASETS.get(source_name)
     _check_options(source_name, source, options)
     root = Path(root)
     title = Path(options["path"]).stem if "path" in options else source_name
-    key = _cache_key(source_name, options, preprocess, val_fraction, seed, limits)
-    cache_file = root / "cache" / f"{title}-{key}.pt"
-    if cache and cache_file.exists():
-        log.info("%s: reading the cached tensors %s", title, cache_file)
-        cached = _read_cache(cache_file)
+    key = _cache_key(source_name, options, preprocess, val_fraction, seed, limits, store_at)
+    cache_folder = root / "cache" / f"{title}-{key}"
+    if cache and cache_folder.exists():
+        log.info("%s: reading the cached tensors %s", title, cache_folder)
+        cached = _read_cache(cache_folder)
         if cached is not None:
             return cached
+        shutil.rmtree(cache_folder, ignore_errors=True)  # damaged: rebuilt below
 
     try:
-        raw = source(root, download, **options)
+        with reading_source(title, root, verify):
+            raw = source(root, download, **options)
     except TypeError as err:  # an option of the wrong type, e.g. {num_classes: three}
         raise ValueError(f"dataset {title}: its options {options} do not fit ({err}); see data/README.md "
                          "for each source's options and their types") from err
-    _check_labels(raw, str(options.get("path", title)))
+    check_labels(raw, str(options.get("path", title)))
     preprocess = preprocess or _native_preprocess(raw, title)
     splits, val_source, test_source = _carve(raw, val_fraction, seed)
-    tensors = {split: _to_split(_subsample(splits[split], limits[split], seed, split), preprocess,
-                                f"{title} {split}")
-               for split in SPLITS}
+    splits = {split: _subsample(splits[split], limits[split], seed, split) for split in SPLITS}
+    _check_fits(splits, preprocess, store_at, title)
+    tensors = {split: _to_split(splits[split], preprocess, store_at, f"{title} {split}") for split in SPLITS}
     dataset = ImageDataset(title, list(raw.class_names), **tensors, preprocess=preprocess,
                            val_source=val_source, test_source=test_source)
     log.info("loaded %s", dataset.summary())
-    if cache:
-        _write_cache(dataset, cache_file)
+    if cache and _write_cache(dataset, cache_folder):
+        return _read_cache(cache_folder) or dataset  # mapped: the pages are shared with other processes
     return dataset
 
 
-def _resolve_source(name: str, options: dict) -> tuple[str, dict]:
+def resolve_source(name: str, options: dict) -> tuple[str, dict]:
     """A registered name or, as a convenience, a path: *.npz, *.csv or an image-folder directory.
 
     A name that looks like a path (a folder separator, a leading ~, or an existing file) is never
@@ -258,7 +300,7 @@ def _check_options(name: str, source, options: dict) -> None:
         raise ValueError(f"dataset {name!r}: {err}; its options are: {', '.join(accepted) or 'none'}") from None
 
 
-def _check_labels(raw: RawDataset, title: str) -> None:
+def check_labels(raw: RawDataset, title: str) -> None:
     """Labels index the class names, and every class has training images: a class seen only in
     val/test could never be learnt, and integer labels with gaps (0, 5, 10) would otherwise
     silently build a head with classes that have no data."""
@@ -354,8 +396,10 @@ def _subsample(split: RawSplit, limit: int | None, seed: int, name: str) -> RawS
     return split.take(np.sort(index))
 
 
-def make_folds(train_labels, val_labels, train_split: float, seed: int = 0) -> list[Fold]:
-    """n_folds = ceil(1 / train_split) folds; fold k = k-th stratified chunk of train AND of val.
+def make_folds(train_labels, val_labels, train_split: float, seed: int = 0, whole_val: bool = False) -> list[Fold]:
+    """n_folds = ceil(1 / train_split) folds; fold k = k-th stratified chunk of train AND of val
+    (with ``whole_val``, every fold is scored on the whole validation part instead: a chunk of a
+    small validation split makes a noisy fitness).
 
     Chunks of each part are disjoint and cover it; per class their sizes differ by at most one,
     and a class with fewer members than folds simply appears in fewer folds.
@@ -365,6 +409,8 @@ def make_folds(train_labels, val_labels, train_split: float, seed: int = 0) -> l
     n_folds = num_folds(train_split)
     chunks = [_stratified_chunks(torch.as_tensor(labels).cpu().numpy(), n_folds, seed, part, train_split)
               for labels, part in ((train_labels, "train"), (val_labels, "validation"))]
+    if whole_val:
+        chunks[1] = [np.arange(len(val_labels))] * n_folds
     return [Fold(torch.from_numpy(t), torch.from_numpy(v)) for t, v in zip(*chunks, strict=True)]
 
 
@@ -393,25 +439,39 @@ def _stratified_chunks(labels: np.ndarray, n_folds: int, seed: int, part: str,
 # Preprocessing once
 
 
-def _to_split(raw: RawSplit, preprocess: Preprocess, desc: str) -> Split:
-    if isinstance(raw.images, np.ndarray):
-        images = _resize_arrays(raw.images, preprocess, desc)
-    else:
+def _to_split(raw: RawSplit, preprocess: Preprocess, store_at: str, desc: str) -> Split:
+    if not isinstance(raw.images, np.ndarray):
         images = _decode_files(raw.images, preprocess, desc)
+    elif _keeps_native(raw.images, preprocess, store_at):
+        images = torch.tensor(_channels_first(raw.images)).expand(-1, 3, -1, -1).contiguous()
+    else:
+        images = _resize_arrays(raw.images, preprocess, desc)
     return Split(images, torch.as_tensor(raw.labels, dtype=torch.int64))
 
 
-def _resize_crop(image, preprocess: Preprocess):
-    """Shorter side to resize_size (antialiased), then center-crop; tensors and PIL images alike.
+def _keeps_native(images: np.ndarray, preprocess: Preprocess, store_at: str) -> bool:
+    """Arrays strictly smaller than the input are upsampled straight to it (`resize_to_input`),
+    so storing them as they are and resizing each batch gives the same pixels for less memory."""
+    return store_at == "native" and max(images.shape[1:3]) < preprocess.image_size
+
+
+def _channels_first(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) gray or (N, H, W, 3) colour -> (N, 1 or 3, H, W)."""
+    return images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+
+
+def resize_to_input(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """Shorter side to resize_size (antialiased), then center-crop; for a uint8 batch (N, C, H, W)
+    on any device, or a PIL image. The one resize of the library: at load and per batch alike.
 
     Images smaller than the model input (MNIST, CIFAR, ...) are resized straight to the input
     size instead, so upsampling never crops away their borders (as the paper does: small and gray
     images are resized to the model input; docs/data.md).
     """
-    height, width = TF.get_size(image)
+    height, width = TF.get_size(images)
     target = preprocess.image_size if min(height, width) < preprocess.image_size else preprocess.resize_size
-    image = TF.resize(image, [target], antialias=True, interpolation=_INTERPOLATIONS[preprocess.interpolation])
-    return TF.center_crop(image, [preprocess.image_size])
+    images = TF.resize(images, [target], antialias=True, interpolation=_INTERPOLATIONS[preprocess.interpolation])
+    return TF.center_crop(images, [preprocess.image_size])
 
 
 def _resize_arrays(images: np.ndarray, preprocess: Preprocess, desc: str, batch: int = 2048) -> torch.Tensor:
@@ -419,9 +479,8 @@ def _resize_arrays(images: np.ndarray, preprocess: Preprocess, desc: str, batch:
     size = preprocess.image_size
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
     for start in tqdm(range(0, len(images), batch), desc=desc, leave=False, unit="batch", delay=2):
-        chunk = torch.tensor(images[start:start + batch])
-        chunk = chunk.unsqueeze(1) if chunk.ndim == 3 else chunk.permute(0, 3, 1, 2)
-        out[start:start + batch] = _resize_crop(chunk, preprocess)  # one gray channel broadcasts to 3
+        chunk = torch.tensor(_channels_first(images[start:start + batch]))
+        out[start:start + batch] = resize_to_input(chunk, preprocess)  # one gray channel broadcasts to 3
     return out
 
 
@@ -439,13 +498,54 @@ def _decode_files(files: list[Path], preprocess: Preprocess, desc: str) -> torch
     return out
 
 
+def _stored_bytes(split: RawSplit, preprocess: Preprocess, store_at: str) -> int:
+    if isinstance(split.images, np.ndarray) and _keeps_native(split.images, preprocess, store_at):
+        height, width = split.images.shape[1:3]
+        return len(split) * 3 * height * width
+    return len(split) * 3 * preprocess.image_size ** 2
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (Linux's MemAvailable; elsewhere its physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_fits(splits: dict[str, RawSplit], preprocess: Preprocess, store_at: str, title: str) -> None:
+    """Refuse, before allocating, a dataset whose stored images would not fit in memory."""
+    needed = sum(_stored_bytes(split, preprocess, store_at) for split in splits.values())
+    available = available_memory()
+    if needed > 0.9 * available:
+        raise ValueError(
+            f"{title} at {preprocess.image_size} px would take {needed / 2**30:.1f} GiB as uint8 "
+            f"({', '.join(f'{len(s)} {n}' for n, s in splits.items())} images), more than the "
+            f"{available / 2**30:.1f} GiB this machine has available; lower data.image_size, keep small "
+            "images at their native size (data.store_at native), or take fewer images (data.max_train)")
+
+
+def check_batch_fits(preprocess: Preprocess, batch_size: int) -> None:
+    """Refuse an input size whose batches alone (float32 at the model input) exceed this machine's
+    memory: a typo such as --data.image_size 100000 should cost a second, not an allocation error."""
+    needed = 4 * 3 * batch_size * preprocess.image_size ** 2
+    if needed > available_memory():
+        raise ValueError(
+            f"one batch of {batch_size} images at {preprocess.image_size} px takes {needed / 2**30:.1f} GiB "
+            f"as float32, more than the {available_memory() / 2**30:.1f} GiB this machine has available; "
+            "lower data.image_size (default: the model's input size) or train.batch_size")
+
+
 def _load_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
     with _open_image(path) as image:
         # JPEG only: decode at a reduced scale that is still >= the resize target, much faster
         # on camera-size photos (ISIC); other formats ignore it.
         image.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
         image = image.convert("RGB")
-    return TF.pil_to_tensor(_resize_crop(image, preprocess))
+    return TF.pil_to_tensor(resize_to_input(image, preprocess))
 
 
 @contextmanager
@@ -463,7 +563,7 @@ def _open_image(path: Path):
 
 
 def _cache_key(source: str, options: dict, preprocess: Preprocess | None, val_fraction: float,
-               seed: int, limits: dict) -> str:
+               seed: int, limits: dict, store_at: str) -> str:
     """Hash of everything that shapes the tensors; a user file also by its modification time."""
     options = dict(options)
     if "path" in options:
@@ -472,48 +572,105 @@ def _cache_key(source: str, options: dict, preprocess: Preprocess | None, val_fr
         options["mtime_ns"] = path.stat().st_mtime_ns if path.exists() else None
     state = {"version": _CACHE_VERSION, "source": source, "options": options,
              "preprocess": asdict(preprocess) if preprocess else None,
-             "val_fraction": val_fraction, "seed": seed, "limits": limits}
+             "val_fraction": val_fraction, "seed": seed, "limits": limits, "store_at": store_at}
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _write_cache(dataset: ImageDataset, file: Path) -> None:
-    """Temporary file + rename, so an interrupted write never leaves a half cache behind. The cache
-    only saves time: a read-only or full disk costs a warning, not the data just loaded."""
-    payload = {"name": dataset.name, "class_names": dataset.class_names,
-               "preprocess": asdict(dataset.preprocess), "val_source": dataset.val_source,
-               "test_source": dataset.test_source,
-               **{split: vars(getattr(dataset, split)) for split in SPLITS}}  # vars: no deep copy
+def _write_cache(dataset: ImageDataset, folder: Path) -> bool:
+    """One .npy file per array and meta.json, written to a temporary folder renamed into place, so
+    an interrupted write never leaves a half cache and rows loading at once keep one copy. The
+    cache only saves time: a read-only or full disk costs a warning, not the data just loaded."""
+    meta = {"version": _CACHE_VERSION, "name": dataset.name, "class_names": dataset.class_names,
+            "preprocess": asdict(dataset.preprocess), "val_source": dataset.val_source,
+            "test_source": dataset.test_source}
     tmp = None
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-        os.close(handle)
-        torch.save(payload, tmp)
-        os.replace(tmp, file)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
-        log.warning("could not write the cache %s (%s); the next load decodes the data again", file, err)
-        return
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".tmp"))
+        for split in SPLITS:
+            for kind in ("images", "labels"):
+                np.save(tmp / f"{split}_{kind}.npy", getattr(getattr(dataset, split), kind).numpy())
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, folder)
+    except OSError as err:
+        if folder.is_dir() and (folder / "meta.json").is_file():  # another process wrote it first
+            return True
+        log.warning("could not write the cache %s (%s); the next load decodes the data again", folder, err)
+        return False
     finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)  # gone after os.replace; a leftover after a failure
-    log.info("cached %s in %s", dataset.name, file)
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached %s in %s", dataset.name, folder)
+    return True
 
 
-def _read_cache(file: Path) -> ImageDataset | None:
-    """The cached dataset, or None (and a warning) when the file is truncated or corrupt: the
-    caller then rebuilds it from the source and overwrites it."""
+def _map_split(cache_file: Path) -> Split:
+    """A split of the cache, mapped copy-on-write: pages are read on use and shared between the
+    processes that map the same file; nothing is copied unless written."""
+    if not cache_file.parent.is_dir():
+        raise DatasetNotFoundError(
+            f"the dataset cache {cache_file.parent} is not on this machine; a Ray task on another node "
+            "needs data.root on a shared filesystem (or a copy of the cache folder at the same path)")
+    images = np.load(f"{cache_file}_images.npy", mmap_mode="c")
+    labels = np.load(f"{cache_file}_labels.npy")
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"{cache_file}: images {images.dtype} {images.shape} and {len(labels)} labels")
+    return Split(torch.from_numpy(images), torch.from_numpy(labels), cache_file)
+
+
+def _read_cache(folder: Path) -> ImageDataset | None:
+    """The cached dataset, mapped, or None (and a warning) when a file is truncated, corrupt or of
+    another version: the caller then rebuilds it from the source and overwrites it."""
     try:
-        payload = torch.load(file, weights_only=True)
-        splits = {split: Split(**payload.pop(split)) for split in SPLITS}
-        preprocess = Preprocess(**payload.pop("preprocess"))
-        return ImageDataset(**payload, **splits, preprocess=preprocess)
-    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file; all mean "rebuild"
-        log.warning("the cache file %s is unreadable (%s); rebuilding it from the source", file, type(err).__name__)
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.pop("version") != _CACHE_VERSION:
+            raise ValueError("another cache version")
+        splits = {split: _map_split(folder / split) for split in SPLITS}
+        stored = meta.pop("preprocess")  # JSON made its tuples lists
+        preprocess = Preprocess(**{**stored, "mean": tuple(stored["mean"]), "std": tuple(stored["std"])})
+        return ImageDataset(**meta, **splits, preprocess=preprocess)
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways; all mean "rebuild"
+        log.warning("the cache %s is unreadable (%s); rebuilding it from the source", folder, type(err).__name__)
         return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by the sources
+
+
+@contextmanager
+def reading_source(title: str, root: Path, verify: bool = True):
+    """Around a source's call (the loader's and `biotune data check`'s). verify=False: torchvision
+    accepts files whose checksums differ from its own (re-packed copies, biotune.fakes); its
+    `check_integrity` then only asks that the file exists, in every torchvision.datasets module
+    that imported it, for the whole process while inside. A file that torchvision, scipy or pickle
+    then fails to parse names the dataset and the way out instead of the parser's traceback;
+    biotune's own errors pass unchanged."""
+    original = tvd.utils.check_integrity
+    patched = [] if verify else [m for m in vars(tvd).values()
+                                 if inspect.ismodule(m) and getattr(m, "check_integrity", None) is original]
+    for module in patched:
+        module.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+    try:
+        yield
+    except TypeError:  # a source option of the wrong type: load_dataset's message says so
+        raise
+    except DatasetNotFoundError as err:
+        if title not in FETCHABLE:
+            raise
+        raise DatasetNotFoundError(f"{err} Fetch it once with: biotune data fetch {title} --root {root}") from err
+    except Exception as err:
+        where = err.__traceback__
+        while where.tb_next is not None:
+            where = where.tb_next
+        if where.tb_frame.f_globals.get("__name__", "").startswith("biotune"):
+            raise
+        raise DatasetNotFoundError(
+            f"{title} under {root}: a file is damaged or incomplete ({type(err).__name__}: {err}). Move "
+            f"it away and fetch it again: biotune data fetch {title} --root {root}") from err
+    finally:
+        for module in patched:
+            module.check_integrity = original
 
 
 def _array_split(images, labels, where: str) -> RawSplit:
@@ -540,7 +697,7 @@ def _array_split(images, labels, where: str) -> RawSplit:
     return RawSplit(images, labels.astype(np.int64))
 
 
-def _check_image_files(files: list[Path], where: str) -> None:
+def check_image_files(files: list[Path], where: str) -> None:
     """Every listed file exists and is an image type PIL reads; the error names the first culprits."""
     others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     if others:
@@ -579,9 +736,9 @@ def _torchvision(cls, root: Path, download: bool, **kwargs):
         if download:
             raise
         raise DatasetNotFoundError(
-            f"{cls.__name__} not found under {root} ({err}). Pass download=True (CLI: --data.download "
-            f"true) to let torchvision fetch it into {root}, or copy an existing torchvision copy of it "
-            "there (see data/README.md).") from err
+            f"{cls.__name__} not found under {root} ({err}). Let torchvision fetch it into {root} "
+            "(download=True; CLI: --data.download true), or copy an existing torchvision copy of it there "
+            "(see data/README.md).") from err
 
 
 def _torchvision_arrays(ds, labels, channels_first: bool = False) -> RawSplit:
@@ -627,7 +784,7 @@ def _mnist_format(cls, folders: list[Path], root: Path, download: bool, *ways: s
         files = _idx_files(root / cls.__name__ / "raw")
     if files is None:
         ways = (*ways, f"put the four idx files in {folders[0]}",
-                "pass download=True (CLI: --data.download true)")
+                "let torchvision fetch them (download=True; CLI: --data.download true)")
         raise DatasetNotFoundError(f"{cls.__name__} not found (looked in {', '.join(map(str, folders))}). "
                                    f"To get it: {'; or '.join(ways)}.")
     log.info("%s from %s", cls.__name__, files["train-images-idx3-ubyte"].parent)
@@ -757,8 +914,13 @@ def _isic2020(root: Path, download: bool) -> RawDataset:
     table = _read_table(table_file, expected)
     if not {"image_name", "target"} <= set(table.columns):
         raise ValueError(f"{table_file} needs {expected}, has {list(table.columns)}")
+    invalid = ~table["target"].isin([0, 1])
+    if invalid.any():
+        raise ValueError(f"{table_file}: the target column must be 0 (benign) or 1 (malignant) in every row, but "
+                         f"{int(invalid.sum())} rows hold something else or nothing (a truncated copy?); replace "
+                         "it with ISIC's ground-truth CSV")
     files = [image_dir / f"{name}.jpg" for name in table["image_name"]]
-    _check_image_files(files, str(table_file))
+    check_image_files(files, str(table_file))
     return RawDataset(["benign", "malignant"], RawSplit(files, table["target"].to_numpy(np.int64)))
 
 
@@ -795,7 +957,7 @@ def _folder_split(folder: Path, class_names: list[str]) -> RawSplit:
                        and not any(part.startswith(".") for part in f.relative_to(class_dir).parts))
         if not found and class_dir.is_dir():
             raise ValueError(f"class folder {class_dir} has no images; add some or remove the folder")
-        _check_image_files(found, str(class_dir))
+        check_image_files(found, str(class_dir))
         files += found
         labels += [label] * len(found)
     return RawSplit(files, np.asarray(labels, dtype=np.int64))
@@ -823,7 +985,7 @@ def _csv(root: Path, download: bool, path) -> RawDataset:
                  path, ", ".join(map(str, classes)), len(classes) - 1)
     index = {c: i for i, c in enumerate(classes)}
     files = [p if p.is_absolute() else path.parent / p for p in map(Path, table["path"].astype(str))]
-    _check_image_files(files, str(path))
+    check_image_files(files, str(path))
     labels = table["label"].map(index).to_numpy(np.int64)
     parts = {split: RawSplit([files[i] for i in np.flatnonzero(splits == split)], labels[splits == split])
              for split in SPLITS if (splits == split).any()}

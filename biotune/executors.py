@@ -9,6 +9,11 @@ code knows which executor runs them. Every executor keeps the same rules:
   (no copy); Ray puts it in its object store once.
 - A call that raises is retried once; if the retry raises too, its result is a ``TaskFailure``
   naming the error, and the other calls go on. A worker process that dies counts as a raise.
+- Running out of GPU memory is never a result (it would become a fitness): the process that ran
+  the call frees its cached memory before the retry, and a second time stops the whole ``map``
+  with ``OutOfGPUMemoryError``, naming what to lower (finished calls were already yielded).
+- Calls train on the GPUs ``gpus.places`` gives them: each worker process is pinned to one,
+  ``run.runs_per_gpu`` workers per GPU, each within its share of the memory.
 - Workers return plain results; only the caller writes the run store (SQLite has one writer).
 - The results do not depend on the executor: a training run depends only on its inputs, its seed
   and its threads (``threads_per_run``).
@@ -20,6 +25,7 @@ returns. CPU tasks reuse their workers.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -29,6 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from . import gpus
 from .config import ConfigError, RunConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,14 @@ ATTEMPTS = 2  # a call that raises is retried once
 
 class TrainingFailedError(RuntimeError):
     """Training runs that raised on every attempt, more than a search or protocol goes on past."""
+
+
+class OutOfGPUMemoryError(TrainingFailedError):
+    """A call that ran out of GPU memory on both attempts: the map stops, nothing of it is a result."""
+
+
+class _RanOutOfMemory(RuntimeError):
+    """One attempt that ran out of GPU memory, raised once its process freed the memory."""
 
 
 @dataclass
@@ -57,15 +72,22 @@ def threads_per_run(run: RunConfig, train: TrainConfig) -> int:
 
 
 def make_executor(run: RunConfig, train: TrainConfig) -> Executor:
+    """The executor ``run`` asks for, its runs placed on GPUs (gpus.py); a device or placement
+    this machine cannot give fails here, before anything trains."""
+    places = gpus.places(run, train) if run.executor != "ray" else []
+    if places:
+        log.info("training runs on GPU(s) %s, %s", ", ".join(dict.fromkeys(slot.gpu for slot in places)),
+                 "the whole memory each" if places[0].share == 1 else f"{places[0].share:.3g} of the memory each")
     if run.executor == "serial":
-        return SerialExecutor()
+        return SerialExecutor(places[0] if places else None)
     threads = threads_per_run(run, train)
     log.info("%s executor: %d training runs at once, %d torch threads each%s", run.executor, run.workers, threads,
              "" if train.num_threads else " (train.num_threads unset: cores / workers; a run's floats depend on "
              "its threads, so compare with a serial run on as many threads)")
     if run.executor == "process":
-        return ProcessExecutor(workers=run.workers, threads=threads)
-    return RayExecutor(workers=run.workers, threads=threads, gpus_per_run=run.gpus_per_run)
+        return ProcessExecutor(workers=run.workers, threads=threads, places=places or None)
+    return RayExecutor(workers=run.workers, threads=threads, gpu_indices=run.gpus,
+                       gpus_per_run=functools.partial(gpus.ray_gpus_per_run, run, train))
 
 
 class Executor:
@@ -96,6 +118,39 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _attempt(function: Callable, shared, *arguments):
+    """One attempt of a call, in the process that runs it. Out of GPU memory, that process frees
+    the failed run's tensors and torch's cache (once the error no longer holds them) first."""
+    try:
+        return function(shared, *arguments)
+    except OutOfGPUMemoryError:  # a nested map's stop: already retried there
+        raise
+    except Exception as error:
+        if not gpus.is_out_of_memory(error):
+            raise
+        message = " ".join(_describe(error).split())
+    gpus.free_cached_memory()
+    raise _RanOutOfMemory(message)
+
+
+def _failed(function: Callable, arguments: tuple, error: BaseException | str, retrying: bool) -> TaskFailure:
+    """Log a failed attempt and return the call's result should it stay failed; running out of
+    GPU memory a second time (or a nested map's stop) raises ``OutOfGPUMemoryError`` instead."""
+    if isinstance(error, OutOfGPUMemoryError):
+        raise OutOfGPUMemoryError(str(error)) from None
+    if isinstance(error, _RanOutOfMemory):
+        if not retrying:
+            raise OutOfGPUMemoryError(
+                f"{getattr(function, '__name__', function)}{_short(arguments)} ran out of GPU memory on both "
+                f"attempts ({error}); nothing of it is stored. To fix: {gpus.ADVICE}; then run it again: what "
+                "finished is kept") from None
+        text = f"{error} (its process's cached GPU memory freed)"
+    else:
+        text = error if isinstance(error, str) else _describe(error)
+    _log_failure(function, arguments, text, retrying)
+    return TaskFailure(text)
+
+
 def _log_failure(function: Callable, arguments: tuple, error: str, retrying: bool) -> None:
     what = "retrying once" if retrying else "recorded as failed"
     log.error("%s%s raised %s; %s", getattr(function, "__name__", function), _short(arguments), error, what)
@@ -107,24 +162,31 @@ def _short(arguments: tuple) -> str:
 
 
 class SerialExecutor(Executor):
-    """Every call in this process, one after another, in order."""
+    """Every call in this process, one after another, in order (on ``place``'s GPU, if given)."""
 
     in_process = True
 
+    def __init__(self, place: gpus.Slot | None = None):
+        self.place = place
+
     def map(self, function, calls, shared=None):
-        for index, arguments in enumerate(calls):
-            for attempt in range(1, ATTEMPTS + 1):
-                try:
-                    result = function(shared, *arguments)
-                    break
-                except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
-                    log.debug("%s", traceback.format_exc())
-                    _log_failure(function, arguments, _describe(error), retrying=attempt < ATTEMPTS)
-                    result = TaskFailure(_describe(error))
-            yield index, result
+        with gpus.placed(self.place):
+            for index, arguments in enumerate(calls):
+                for attempt in range(1, ATTEMPTS + 1):
+                    try:
+                        result = _attempt(function, shared, *arguments)
+                        break
+                    except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
+                        log.debug("%s", traceback.format_exc())
+                        result = _failed(function, arguments, error, retrying=attempt < ATTEMPTS)
+                yield index, result
 
 
-def _start_process_worker(threads: int) -> None:
+def _start_process_worker(threads: int, places) -> None:
+    """A new worker: its GPU place (taken from the pool's queue of them) before anything starts
+    CUDA, then its torch threads."""
+    if places is not None:
+        gpus.pin(places.get())
     import torch
 
     torch.set_num_threads(threads)
@@ -132,18 +194,26 @@ def _start_process_worker(threads: int) -> None:
 
 class ProcessExecutor(Executor):
     """A pool of ``workers`` spawned processes on this machine (spawn: CUDA cannot be used in
-    forked children). Tensors in ``shared`` go through torch's shared memory, not copies."""
+    forked children). Tensors in ``shared`` go through torch's shared memory, not copies. With
+    ``places``, each worker takes one of them when it starts (a pool that broke starts again
+    with all of them)."""
 
-    def __init__(self, workers: int, threads: int):
-        self.workers, self.threads = workers, threads
+    def __init__(self, workers: int, threads: int, places: list[gpus.Slot] | None = None):
+        self.workers, self.threads, self.places = workers, threads, places
         self.pool: ProcessPoolExecutor | None = None
 
     def _pool(self) -> ProcessPoolExecutor:
         if self.pool is None:
             import torch.multiprocessing  # registers the shared-memory reductions for tensors  # noqa: F401
 
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_process_worker, initargs=(self.threads,))
+            context = multiprocessing.get_context("spawn")
+            places = None
+            if self.places:
+                places = context.Queue()
+                for slot in self.places:
+                    places.put(slot)
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                            initializer=_start_process_worker, initargs=(self.threads, places))
         return self.pool
 
     def map(self, function, calls, shared=None):
@@ -154,11 +224,11 @@ class ProcessExecutor(Executor):
             attempts[index] += 1
             try:
                 pool = self._pool()
-                future = pool.submit(function, shared, *calls[index])
+                future = pool.submit(_attempt, function, shared, *calls[index])
             except BrokenProcessPool:  # broken by a worker that died since: a new pool takes the call
                 self._discard_pool()
                 pool = self._pool()
-                future = pool.submit(function, shared, *calls[index])
+                future = pool.submit(_attempt, function, shared, *calls[index])
             running[future] = (index, pool)
 
         waiting = list(range(len(calls)))  # at most ``workers`` out at once: a worker that dies then
@@ -179,16 +249,16 @@ class ProcessExecutor(Executor):
                             self._discard_pool()
                         failure = f"worker process died ({error})"
                     except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
-                        failure = _describe(error)
+                        failure = error
                     else:
                         yield index, result
                         continue
                     retry = attempts[index] < ATTEMPTS
-                    _log_failure(function, calls[index], failure, retrying=retry)
+                    result = _failed(function, calls[index], failure, retrying=retry)
                     if retry:
                         waiting.insert(0, index)
                     else:
-                        yield index, TaskFailure(failure)
+                        yield index, result
         finally:
             if running:  # the caller stopped early: stop the runs still going rather than wait for them
                 self._discard_pool(terminate=True)
@@ -209,14 +279,17 @@ class ProcessExecutor(Executor):
             self.pool = None
 
 
-def _ray_call(function, shared, arguments, threads: int):
+def _ray_call(function, shared, arguments, threads: int, gpus_per_run: float):
     """A Ray task: the call on ``threads`` torch threads, on the GPU Ray assigned (it sets
-    CUDA_VISIBLE_DEVICES, so the task's "cuda" is that device), then torch's cache emptied."""
+    CUDA_VISIBLE_DEVICES, so the task's "cuda" is that device) within its share of the memory,
+    then torch's cache emptied."""
     import torch
 
     torch.set_num_threads(threads)
+    share = gpus.Slot(os.environ.get("CUDA_VISIBLE_DEVICES", ""), 0, gpus_per_run) if 0 < gpus_per_run < 1 else None
     try:
-        return function(shared, *arguments)
+        with gpus.placed(share):
+            return _attempt(function, shared, *arguments)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -224,21 +297,31 @@ def _ray_call(function, shared, arguments, threads: int):
 
 class RayExecutor(Executor):
     """Ray core tasks, at most ``workers`` at once, each asking for ``threads`` CPUs and
-    ``gpus_per_run`` GPUs (fractions pack several runs on one GPU). Connects to the cluster in
-    ``RAY_ADDRESS`` when set, to a Ray already started in this process, or starts a local one."""
+    ``gpus_per_run`` GPUs (fractions pack several runs on one GPU; a function of the cluster's
+    largest GPU count: asked once it is known). Connects to the cluster in ``RAY_ADDRESS`` when
+    set, to a Ray already started in this process, or starts a local one, on ``gpu_indices``
+    (this machine's torch indices) where given."""
 
-    def __init__(self, workers: int, threads: int, gpus_per_run: float = 0.0):
+    def __init__(self, workers: int, threads: int, gpus_per_run: float | Callable[[float], float] = 0.0,
+                 gpu_indices: list[int] | None = None):
         try:
             import ray
         except ImportError as error:
             raise ConfigError(f"run.executor=ray needs Ray ({error}): pip install -c constraints.txt -e '.[ray]'") from None
         self.ray, self.workers, self.threads = ray, workers, threads
+        if gpu_indices is not None and (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
+            raise ConfigError(f"run.gpus={gpu_indices} picks GPUs of this machine for a Ray started here, but a Ray cluster "
+                              "is already up (RAY_ADDRESS or ray.init in this process) and places its tasks itself: "
+                              "leave run.gpus unset (run.runs_per_gpu or run.gpus_per_run set each run's share)")
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(log_to_driver=True)
             else:  # a local cluster with room for the asked concurrency
-                ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=False)
+                _start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, workers * threads), gpu_indices=gpu_indices)
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        if callable(gpus_per_run):
+            gpus_per_run = gpus_per_run(max((node.get("GPU", 0) for node in nodes), default=0))
+        self.gpus_per_run = gpus_per_run
         if not any(gpus_per_run <= node.get("GPU", 0) and threads <= node.get("CPU", 0) for node in nodes):
             largest = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), default={})
             raise ConfigError(f"each training run asks for {gpus_per_run:g} GPUs (run.gpus_per_run) and {threads} CPUs "
@@ -259,17 +342,33 @@ class RayExecutor(Executor):
             while waiting or running:
                 while waiting and len(running) < self.workers:
                     index = waiting.pop(0)
-                    running[self.task.remote(function, shared, calls[index], self.threads)] = index
+                    running[self.task.remote(function, shared, calls[index], self.threads, self.gpus_per_run)] = index
                 (done,), _ = ray.wait(list(running), num_returns=1)
                 index = running.pop(done)
                 try:
                     result = ray.get(done)
                 except ray.exceptions.RayError as error:  # raised twice (retried once by Ray), or its worker died twice
                     cause = getattr(error, "cause", None)
-                    failure = _describe(cause) if isinstance(cause, BaseException) else _describe(error).splitlines()[0]
-                    _log_failure(function, calls[index], failure, retrying=False)
-                    result = TaskFailure(failure)
+                    failure = cause if isinstance(cause, BaseException) else _describe(error).splitlines()[0]
+                    result = _failed(function, calls[index], failure, retrying=False)
                 yield index, result
         finally:
             for task in running:  # the caller stopped early: free the workers and GPU shares
                 ray.cancel(task, force=True)
+
+
+def _start_local_ray(ray, num_cpus: int, gpu_indices: list[int] | None) -> None:
+    """``ray.init`` on this machine; on ``gpu_indices`` alone where given (Ray hands its tasks the GPUs
+    CUDA_VISIBLE_DEVICES names when it starts; this process's own setting is put back)."""
+    if gpu_indices is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        return
+    ids, before = gpus.physical_ids(gpu_indices), os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    try:
+        ray.init(num_cpus=num_cpus, num_gpus=len(ids), include_dashboard=False)
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before

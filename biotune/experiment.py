@@ -25,18 +25,19 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import config as cfg
-from .data import load_dataset, make_folds
+from .data import check_batch_fits, load_dataset, make_folds
 from .executors import TaskFailure, TrainingFailedError, make_executor
 from .fitness import Evaluator
 from .ga import BioTuneGA, GAResult, rescore_top_k
 from .genome import decode, make_recipe, num_genes, recipe_table, save_recipe
+from .gpus import places, training_device
 from .methods import METHODS, PlanMethod
 from .models import create_model, model_preprocess
 from .plots import convergence
 from .report import readable, summary
 from .searchers import Searcher
 from .store import RunStore
-from .train import evaluate, resolve_device
+from .train import evaluate, resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def run_metadata(device_name: str, executor: str = "serial") -> dict:
+def run_metadata(config: cfg.Config) -> dict:
     """Git commit and dirty flag, package versions, device: stored with every run. With Ray the
     runs train on the workers' devices, which each per-seed record names (its ``worker``)."""
     versions = {}
@@ -73,14 +74,15 @@ def run_metadata(device_name: str, executor: str = "serial") -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    if executor == "ray":
-        device, device_label = device_name, "the Ray workers' (see each run's worker)"
+    if config.run.executor == "ray":
+        device, device_label = config.train.device, "the Ray workers' (see each run's worker)"
     else:
-        device = resolve_device(device_name)
-        if device.type == "cuda":
+        device = training_device(config.run, config.train)
+        if device.type == "cuda":  # the GPUs the runs are placed on, not the driver's current one
             import torch
 
-            device_label = torch.cuda.get_device_name(device)
+            gpus = list(dict.fromkeys(slot.gpu for slot in places(config.run, config.train)))
+            device_label = f"{torch.cuda.get_device_name(device)}; GPU {', '.join(gpus)} (CUDA_VISIBLE_DEVICES ids)"
         else:
             device_label = platform.processor() or platform.machine()
     status = _git("status", "--porcelain")
@@ -107,15 +109,24 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, default=str))
 
 
-def load_inputs(config: cfg.Config):
-    """The dataset (preprocessed once for the model) and the pretrained model with its new head."""
+def load_data(config: cfg.Config):
+    """The dataset, stored for the model's input (data.store_at), without building the model."""
     preprocess = model_preprocess(config.model.name)
     if config.data.image_size:
         preprocess = preprocess.at_size(config.data.image_size)
     data = config.data
-    dataset = load_dataset(data.dataset, preprocess, root=data.root, download=data.download,
-                           max_train=data.max_train, max_val=data.max_val, max_test=data.max_test,
-                           val_fraction=data.val_fraction, seed=data.split_seed, **data.options)
+    check_batch_fits(preprocess, max(config.train.batch_size, config.train.eval_batch_size))
+    return load_dataset(data.dataset, preprocess, root=data.root, download=data.download,
+                        max_train=data.max_train, max_val=data.max_val, max_test=data.max_test,
+                        val_fraction=data.val_fraction, seed=data.split_seed, store_at=data.store_at,
+                        verify=data.verify, **data.options)
+
+
+def load_inputs(config: cfg.Config):
+    """The dataset (stored for the model's input) and the pretrained model with its new head.
+    A preset that needs a GPU and finds none stops here, before the data loads."""
+    training_device(config.run, config.train)
+    dataset = load_data(config)
     model = create_model(config.model.name, dataset.num_classes, weights=config.model.weights,
                          allow_download=config.model.allow_download)
     return model, dataset
@@ -136,7 +147,7 @@ def run_overrides(dataset, model, overrides, store) -> dict:
 def _start_run(config: cfg.Config, store: RunStore, *, kind: str, method: str, run_id: str | None = None,
                **meta_extra) -> tuple[str, Path]:
     run_id = run_id or new_run_id(method, config.data.dataset)
-    meta = run_metadata(config.train.device, config.run.executor) | meta_extra
+    meta = run_metadata(config) | meta_extra
     store.create_run(run_id, kind=kind, method=method, config=config.to_dict(), meta=meta)
     folder = run_dir(config, run_id)
     _write_json(folder / "config.json", config.to_dict())
@@ -191,7 +202,7 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
     # Everything that can fail on bad input happens before the run exists or changes status.
     model_obj, dataset_obj = load_inputs(config)
     folds = make_folds(dataset_obj.train.labels, dataset_obj.val.labels, config.ga.train_split,
-                       seed=config.data.split_seed)
+                       seed=config.data.split_seed, whole_val=config.ga.fitness_val == "whole")
     executor = make_executor(config.run, config.train)
     evaluator = Evaluator(model=model_obj, dataset=dataset_obj, folds=folds, config=config, store=store_obj,
                           run_id=run_id, progress=progress, executor=executor)
@@ -383,6 +394,7 @@ def final_run(shared: tuple, make_method, setting: dict, seed: int, progress: bo
     """One setting and seed of the final protocol, in whichever process the executor picked: the
     finals row (without method, setting and seed) and the method's test report, as plain data."""
     model, dataset, train_config = shared
+    train_config = dataclasses.replace(train_config, amp=resolve_amp(train_config.amp, model))  # the test pass too
     method = make_method(**setting)
     result = method.fit(model, dataset, train_config, seed, keep_net=True, progress=progress)
     row = {"status": result.status, "trainable_share": result.trainable_params / model.num_params,

@@ -29,7 +29,13 @@ import torch
 
 from .config import Config, GAConfig, TrainConfig
 from .data import Fold
-from .executors import Executor, SerialExecutor, TaskFailure, TrainingFailedError
+from .executors import (
+    Executor,
+    OutOfGPUMemoryError,
+    SerialExecutor,
+    TaskFailure,
+    TrainingFailedError,
+)
 from .genome import decode
 from .prefix_cache import HIT, MISS, NOT_APPLICABLE, PrefixCache
 from .store import RunStore
@@ -155,8 +161,8 @@ def fitness_run(inputs: FitnessInputs, plan, fold: int, seed: int, pruning: Prun
     per-seed record (plain data), with the prefix cache's status and the run's wall-clock seconds."""
     started = time.perf_counter()
     prefix, prefix_status = inputs.prefixes().get(plan, fold)
-    result = train(inputs.model, inputs.dataset, plan, inputs.train, seed, prefix=prefix,
-                   train_idx=inputs.folds[fold].train_idx, val_idx=inputs.folds[fold].val_idx,
+    result = train(inputs.model, inputs.dataset, plan, inputs.train, seed,
+                   prefix=prefix or inputs.prefixes().fold_images(fold),
                    stop_early=pruning.stop_early() if pruning is not None else None, progress=progress)
     return {"seed": seed, "status": result.status, "best_epoch": result.best_epoch, "epochs": result.epochs,
             "seconds": result.seconds, "train_images": result.train_images, **result.val,
@@ -281,7 +287,7 @@ class Evaluator:
                 owners.append((position, seed_position))
         next_round = {}
         with contextlib.closing(self.executor.map(fitness_run, calls, self.inputs)) as finished:
-            for call, result in finished:
+            for call, result in self._stop_out_of_memory(finished):
                 position, seed_position = owners[call]
                 job = training[position]
                 job.runs[seed_position] = result if not isinstance(result, TaskFailure) else \
@@ -304,11 +310,21 @@ class Evaluator:
                                                            outcome, cache_hit=True)
         return next_round
 
+    def _stop_out_of_memory(self, finished):
+        """The executor's results. A run out of GPU memory twice stops the search (executors.py):
+        its evaluation is not stored, so no fitness is steered by memory; the message names the run."""
+        try:
+            yield from finished
+        except OutOfGPUMemoryError as error:
+            raise OutOfGPUMemoryError(f"run {self.run_id}: {error} (this search: biotune search --resume "
+                                      f"{self.run_id})") from None
+
     def _count_failures(self, outcome: dict) -> None:
         """Stop the search when ``MAX_FAILED_IN_A_ROW`` evaluations in a row failed (each run
-        raised twice): an error that comes back every time (a bug, memory that never suffices, a
-        worker that cannot import the code) would otherwise fill a whole search with worst
-        fitnesses. An isolated failure is recorded and the search goes on."""
+        raised twice): an error that comes back every time (a bug, host memory that never
+        suffices, a worker that cannot import the code) would otherwise fill a whole search with
+        worst fitnesses. An isolated failure is recorded and the search goes on. (Running out of
+        GPU memory never gets here: it stops the search at once, ``_stop_out_of_memory``.)"""
         self.failed_in_a_row = self.failed_in_a_row + 1 if outcome["status"] == "failed" else 0
         if self.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
             error = next(r["error"] for r in outcome["per_seed"] if r["status"] == "failed")

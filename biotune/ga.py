@@ -22,6 +22,7 @@ from deap import base, creator, tools
 from tqdm.auto import tqdm
 
 from .config import GAConfig
+from .genome import trained_blocks
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +103,11 @@ def extinction_probabilities(fitnesses: list[float]) -> list[float] | None:
     return [(f + f_min * (i / (n - 1) - 1)) / f_max for i, f in enumerate(fitnesses)]
 
 
-def trained_genes(genes: list[float], num_blocks: int, encoding: str) -> list[int]:
-    if encoding == "no_freezing":
-        return list(range(num_blocks))
-    return [i for i in range(num_blocks) if genes[i] > genes[-1]]
-
-
 def random_genome(num_genes: int, num_blocks: int, encoding: str, rng: random.Random) -> list[float]:
     """Uniform in [0,1]^G, redrawn while no block would be trained."""
     while True:
         genes = [rng.random() for _ in range(num_genes)]
-        if trained_genes(genes, num_blocks, encoding):
+        if trained_blocks(genes, num_blocks, encoding):
             return genes
 
 
@@ -296,7 +291,7 @@ class BioTuneGA:
         """
         moves = []  # (index, elite, gene, +d value, -d value), all drawn before any trial is scored
         for index, elite in enumerate(self.population[: self.cfg.elites]):
-            candidates = trained_genes(list(elite), self.num_blocks, self.cfg.encoding)
+            candidates = trained_blocks(list(elite), self.num_blocks, self.cfg.encoding)
             if not candidates and not self.improved:
                 continue
             gene = self.rng.choice(candidates or range(self.num_blocks))

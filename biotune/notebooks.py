@@ -18,7 +18,9 @@ unless forced or marked ``always``, so a batch that was stopped continues where 
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -29,7 +31,8 @@ from pathlib import Path
 import pandas as pd
 import papermill
 
-from .config import load_yaml
+from . import staging
+from .config import Config, load_yaml, resolve
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +152,34 @@ def _has_type(value, annotation: str) -> bool:
     return isinstance(value, allowed)
 
 
+def training_configs(runs: list[NotebookRun]) -> list[Config]:
+    """The resolved config of every (dataset, model) row the runs train, built as the notebooks
+    build theirs: the run's overrides, then data_root, the dataset and the model. A notebook
+    without a model parameter (03_figures) trains nothing."""
+    configs = []
+    for run in runs:
+        declared = notebook_parameters(run.notebook)
+        if not {"model", "models"} & declared.keys():
+            continue
+        values = {**{name: ast.literal_eval(info["default"]) for name, info in declared.items()}, **run.parameters}
+        datasets = values["datasets"] if "datasets" in values else [values["dataset"]]
+        models = values["models"] if "models" in values else [values["model"]]
+        overrides = {**values.get("overrides", {}), "data.root": values.get("data_root", "data")}
+        for dataset, model in itertools.product(datasets, models):
+            configs.append(resolve(values.get("preset", "cpu"),
+                                   overrides={**overrides, "data.dataset": dataset, "model.name": model}))
+    return configs
+
+
 def run_plan(path: str | Path, *, output_dir: str | Path = "results/notebooks", force: bool = False,
              only: list[str] | None = None, extra_parameters: dict | None = None,
              kernel_name: str = "python3") -> pd.DataFrame:
     """Execute a plan's notebooks in order; return one row per run with its status
     (``ok``, ``skipped`` or ``failed``), seconds, executed notebook and error."""
     plan_name, runs = load_plan(path, extra_parameters, only)
+    missing = staging.missing_report(staging.check(staging.merge_needs(staging.config_needs(training_configs(runs)))))
+    if missing:  # stop in seconds, not row by row after minutes each
+        raise PlanError(f"plan {path} cannot run yet. {missing}\n`biotune data check {path}` lists what it needs.")
     folder = Path(output_dir) / plan_name
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

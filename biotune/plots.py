@@ -185,18 +185,33 @@ def ablation_bars(table: pd.DataFrame) -> plt.Figure:
 
 def gate_usage(usage: pd.DataFrame) -> plt.Figure:
     """AdaFilter, per gated layer in forward order: the share of fine-tuned filters an example uses
-    on the test split (mean over examples, band: ± their std), one panel per dataset and model."""
+    on the test split (mean over examples, band: ± their std) and the share of filters whose choice
+    changes across examples, for the learned gates and for the same gate network before training;
+    in the title, test macro accuracy with the learned gates and with a fixed per-filter majority
+    mask. One panel per dataset and model."""
+    set_style()
     panels = list(usage.groupby(["dataset", "model"], sort=True).groups)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False, sharey=True)
     for ax, (dataset, model) in zip(axes[0], panels):
         frame = usage[(usage["dataset"] == dataset) & (usage["model"] == model)]
-        per_layer = frame.groupby("order").agg(mean=("share_mean", "mean"), std=("share_std", "mean"))
-        ax.plot(per_layer.index, per_layer["mean"], marker=".", label="mean over examples")
-        ax.fill_between(per_layer.index, (per_layer["mean"] - per_layer["std"]).clip(0),
-                        (per_layer["mean"] + per_layer["std"]).clip(upper=1), alpha=0.25, label="± std across examples")
-        ax.set(xlabel="gated conv layer (input to output)", ylabel="share of fine-tuned filters used",
-               title=f"{dataset} · {model}", ylim=(0, 1))
-        ax.legend(fontsize="small")
+        per_layer = frame.groupby("order").mean(numeric_only=True)
+        for prefix, label, style in (("", "learned", "-"), ("untrained_", "untrained", "--")):
+            if per_layer[f"{prefix}share_mean"].isna().all():  # a run made before untrained gates were reported
+                continue
+            mean, std = per_layer[f"{prefix}share_mean"], per_layer[f"{prefix}share_std"]
+            line, = ax.plot(per_layer.index, mean, style, marker=".", label=f"{label}: share used (± std across examples)")
+            ax.fill_between(per_layer.index, (mean - std).clip(0), (mean + std).clip(upper=1), alpha=0.2,
+                            color=line.get_color())
+            if not per_layer[f"{prefix}changing_share"].isna().all():
+                ax.plot(per_layer.index, per_layer[f"{prefix}changing_share"], style, color=line.get_color(), alpha=0.5,
+                        marker="x", label=f"{label}: share of filters changing across examples")
+        title = f"{dataset} · {model}"
+        if not per_layer["majority_mask_test_macro_acc"].isna().all():
+            title += (f"\ntest macro acc {100 * per_layer['test_macro_acc'].mean():.1f} learned, "
+                      f"{100 * per_layer['majority_mask_test_macro_acc'].mean():.1f} majority mask")
+        ax.set(xlabel="gated conv layer (input to output)", ylabel="share of filters", title=title, ylim=(0, 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="x-small")
     fig.tight_layout()
     return fig
 
@@ -209,5 +224,57 @@ def time_per_evaluation(history: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 0.4 * trained["label"].nunique() * trained["dataset"].nunique() + 2))
     sns.boxplot(data=trained, x="seconds", y="label", hue="dataset", ax=ax, fliersize=2)
     ax.set(xlabel="seconds per fitness evaluation", ylabel="", title="time per evaluation")
+    fig.tight_layout()
+    return fig
+
+
+def _method_names(methods: pd.Series) -> pd.Series:
+    return methods.map(lambda m: SEARCHER_NAMES.get(m) or BASELINE_NAMES.get(m) or m)
+
+
+def _dataset_name(dataset: str) -> str:
+    """A dataset's name, or a user file's name rather than its whole path."""
+    return Path(dataset).name if "/" in dataset else dataset
+
+
+def study_means(summary: pd.DataFrame, metric: str = "test") -> plt.Figure:
+    """A study's mean macro accuracy per method with its 95% interval, one panel per dataset;
+    ``summary`` is the study's summary.csv (n in each label: one seed is no interval)."""
+    set_style()
+    table = summary[summary["metric"] == metric]
+    datasets = list(dict.fromkeys(table["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    colours = _colours(_method_names(table["method"]))
+    for ax, dataset in zip(axes[0], datasets):
+        rows = table[table["dataset"] == dataset].reset_index(drop=True)
+        names = _method_names(rows["method"])
+        for y, (row, name) in enumerate(zip(rows.itertuples(), names)):
+            low, high = (row.ci_low, row.ci_high) if pd.notna(row.ci_low) else (row.mean, row.mean)
+            ax.errorbar(100 * row.mean, y, xerr=[[100 * (row.mean - low)], [100 * (high - row.mean)]], fmt="o",
+                        capsize=3, color=colours[name])
+        ax.set_yticks(range(len(rows)), [f"{name} (n={n})" for name, n in zip(names, rows["n"])])
+        ax.invert_yaxis()
+        ax.set(xlabel=f"{metric} macro accuracy (%), mean and 95% interval", title=_dataset_name(dataset))
+    fig.tight_layout()
+    return fig
+
+
+def paired_differences(paired: pd.DataFrame, reference: str, metric: str = "test") -> plt.Figure:
+    """Each method minus ``reference`` on the same cells (dataset and seed), per dataset and over
+    all cells, with the 95% interval of the mean difference and the Wilcoxon p-value."""
+    set_style()
+    table = paired[(paired["metric"] == metric) & (paired["reference"] == reference)].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(table) + 1.2))
+    labels = [f"{name} | {dataset} (n={n}, p={p:.2g})" for name, dataset, n, p in
+              zip(_method_names(table["method"]), table["dataset"].map(_dataset_name), table["n"], table["p_value"])]
+    for y, row in enumerate(table.itertuples()):
+        low, high = (row.ci_low, row.ci_high) if pd.notna(row.ci_low) else (row.mean_diff, row.mean_diff)
+        ax.errorbar(100 * row.mean_diff, y, xerr=[[100 * (row.mean_diff - low)], [100 * (high - row.mean_diff)]],
+                    fmt="o", capsize=3, color="C0" if row.dataset != "all" else "C3")
+    ax.axvline(0, color="grey", linewidth=1)
+    ax.set_yticks(range(len(table)), labels, fontsize="small")
+    ax.invert_yaxis()
+    name = _method_names(pd.Series([reference])).iloc[0]
+    ax.set(xlabel=f"{metric} macro accuracy minus {name}'s (points), 95% interval", title=f"paired against {name}")
     fig.tight_layout()
     return fig

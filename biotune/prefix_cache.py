@@ -27,7 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .train import Part, autocast, image_part, memory_format, resolve_device, set_train_mode
+from .train import (
+    Part,
+    autocast,
+    image_part,
+    memory_format,
+    resolve_amp,
+    resolve_device,
+    set_train_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +89,13 @@ class PrefixCache:
         self.model, self.dataset, self.folds, self.cfg = model, dataset, folds, cfg
         self.device = resolve_device(cfg.device)
         self.fmt = memory_format(cfg.channels_last)
+        self.amp = resolve_amp(cfg.amp, model)
         self.budget = cfg.prefix_cache_mb * 2**20
         self.entries: OrderedDict[tuple[int, int], CachedPrefix] = OrderedDict()
         self.cuts: dict[int, tuple[str, ...] | None] = {}  # k -> modules to skip, None: not exact
         self.image_bytes: dict[int, int] = {}  # k -> bytes of one image's activations entering block k
         self.enabled = cfg.prefix_cache and cfg.frozen_bn == "eval"
+        self.latest_images: tuple[int, CachedPrefix] | None = None  # (fold, its images)
 
     def get(self, plan, fold: int) -> tuple[CachedPrefix | None, str]:
         """The cached prefix for this plan on this fold (or None) and hit / miss / n/a."""
@@ -111,6 +121,17 @@ class PrefixCache:
             self.entries.popitem(last=False)
         return entry, MISS
 
+    def fold_images(self, fold: int) -> CachedPrefix:
+        """The fold's images, as a prefix that skips nothing: on a GPU, uploaded once for all the
+        runs of this process on that fold (an evaluation's seeds, the next evaluations), not once
+        per run; the latest fold only, so a search walking its folds holds one at a time."""
+        if self.latest_images is None or self.latest_images[0] != fold:
+            self.latest_images = None  # the previous fold's device memory goes first
+            indices = self.folds[fold]
+            self.latest_images = (fold, CachedPrefix(0, (), image_part(self.dataset, "train", indices.train_idx, self.device),
+                                                     image_part(self.dataset, "val", indices.val_idx, self.device)))
+        return self.latest_images[1]
+
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
@@ -129,7 +150,7 @@ class PrefixCache:
     @torch.no_grad()
     def _prefix(self, net: nn.Module, images: torch.Tensor) -> torch.Tensor:
         try:
-            with autocast(self.device, self.cfg.amp):
+            with autocast(self.device, self.amp):
                 net(images)
         except _Cut as cut:
             return cut.activations.contiguous(memory_format=self.fmt) if cut.activations.dim() == 4 else cut.activations
@@ -187,7 +208,7 @@ class PrefixCache:
     def _exact(self, net: nn.Module, skipped: tuple[str, ...], images, activations, k: int) -> bool:
         """The cut network fed the cached activations gives the whole network's output, and the
         prefix computes in training what it computes in eval mode (no dropout, functional or not)."""
-        with autocast(self.device, self.cfg.amp):
+        with autocast(self.device, self.amp):
             whole = net(images).float()
             cut = cut_network(copy.deepcopy(net), skipped)(activations).float()
         if not torch.allclose(whole, cut, rtol=1e-3, atol=1e-4 * (1 + whole.abs().max().item())):

@@ -47,6 +47,8 @@ def variant(config: dict) -> str:
         parts.append(f"{ga['ga_variant']} GA")
     if ga.get("final_selection", "best_so_far") != "best_so_far":
         parts.append(f"re-scored top {ga['rescore_k']}")
+    if ga.get("fitness_val", "fold") != "fold":
+        parts.append(f"{ga['fitness_val']}-validation fitness")
     if ga.get("prune"):
         parts.append("pruned")
     if ga.get("breeding", "steady") != "steady":
@@ -166,8 +168,14 @@ def gate_usage(store: str | Path | None, run_ids: list[str]) -> pd.DataFrame:
                 usage = usage[usage["setting"] == chosen.iloc[0]]
                 frames.append(usage.assign(run_id=run_id, dataset=run["dataset"], model=run["model"],
                                            order=usage.groupby("seed").cumcount()))
-    columns = ["run_id", "dataset", "model", "seed", "order", "layer", "filters", "share_mean", "share_std"]
-    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+    columns = ["run_id", "dataset", "model", "seed", "order", "layer", "filters", "share_mean", "share_std",
+               *GATE_COMPARISONS]
+    # runs made before the comparisons were reported lack them: NaN there
+    return pd.concat(frames, ignore_index=True).reindex(columns=columns) if frames else pd.DataFrame(columns=columns)
+
+
+GATE_COMPARISONS = ["changing_share", "untrained_share_mean", "untrained_share_std", "untrained_changing_share",
+                    "test_macro_acc", "majority_mask_test_macro_acc"]
 
 
 def with_paper(table: pd.DataFrame) -> pd.DataFrame:

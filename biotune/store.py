@@ -79,8 +79,9 @@ CREATE TABLE IF NOT EXISTS finals (
 JSON_COLUMNS = ("genes", "trained", "multipliers", "per_seed")
 # Where a run is written or executed, not what it computes: a search made on a GPU box is reused
 # on a laptop, whatever the data folder or thread count.
-REUSE_IGNORES = ("store", "results_dir", "data.root", "data.download", "model.allow_download", "train.device",
-                 "train.num_threads", "run")  # run: the executor, which does not change results
+REUSE_IGNORES = ("store", "results_dir", "data.root", "data.download", "data.verify", "data.store_at",
+                 "model.allow_download", "train.device", "train.num_threads",
+                 "run")  # data.store_at: the same pixels either way; run: the executor, which does not change results
 
 
 class RunNotFoundError(KeyError):

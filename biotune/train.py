@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .genome import FineTunePlan
+from .gpus import resolve_device  # with the GPU placement policy (gpus.py), beside the executors
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,6 @@ class TrainResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use device=cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but Apple's MPS is not available here; use device=cpu or auto")
-    return device
 
 
 def plan_param_groups(net: torch.nn.Module, blocks, plan: FineTunePlan, base_lr: float) -> list[dict]:
@@ -121,7 +111,16 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, base_lr: float) -> None
         group["lr"] = base_lr * group.get("lr_scale", 1.0)
 
 
+def resolve_amp(amp: bool | str, model) -> bool:
+    """``train.amp`` for this model: "auto" takes the precision registered with it (models.py: bf16
+    speeds ResNet-50 up on an H100 and slows EfficientNet-Lite0 down); true or false force it."""
+    return model.amp if amp == "auto" else amp
+
+
 def autocast(device: torch.device, amp: bool):
+    """bfloat16 autocast on CUDA; ``amp`` is ``train.amp`` already resolved by ``resolve_amp``."""
+    if not isinstance(amp, bool):
+        raise TypeError(f"autocast needs a bool, got amp={amp!r}: resolve train.amp with resolve_amp(amp, model)")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           enabled=amp and device.type == "cuda")
 
@@ -134,18 +133,19 @@ def memory_format(channels_last: bool):
 
 @dataclass
 class Part:
-    """The inputs of one part of a split: what the network is fed (uint8 images, normalised per
-    batch, or activations a prefix cache computed), labels, and the positions to take, in order."""
+    """The inputs of one part of a split: what is stored (uint8 images, made the network's input
+    per batch by ``to_input``, or activations a prefix cache computed), labels, and the positions
+    to take, in order."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
     order: torch.Tensor
-    normalize: Callable[[torch.Tensor], torch.Tensor]
+    to_input: Callable[[torch.Tensor], torch.Tensor]
 
     def batches(self, order: torch.Tensor, batch_size: int, device: torch.device, fmt):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = self.normalize(self.inputs[chunk].to(device, non_blocking=True))
+            batch = self.to_input(self.inputs[chunk].to(device, non_blocking=True))
             if batch.dim() == 4:  # images or feature maps; a cached prefix may also end in pooled vectors
                 batch = batch.contiguous(memory_format=fmt)
             yield batch, self.labels[chunk].to(device, non_blocking=True)
@@ -154,19 +154,21 @@ class Part:
 def image_part(dataset, split_name: str, index, device: torch.device) -> Part:
     """A split's indexed images, moved once to a CUDA device when they fit comfortably.
 
-    Batches are then gathered on the GPU instead of copied from host memory every step; on the
-    CPU, or when the uint8 images would take over half the free GPU memory, they stay where
-    they are and each batch is copied on its own.
+    Batches are then gathered (and resized, where stored small) on the GPU instead of copied
+    from host memory every step; on the CPU, or when the stored images would take over half of
+    what this process may use on the GPU (its share, when runs share the device), they stay
+    where they are and each batch is copied on its own.
     """
     split = getattr(dataset, split_name)
     index = torch.arange(len(split.labels)) if index is None else torch.as_tensor(index)
     if device.type == "cuda":
+        from .gpus import device_memory_budget
+
         needed = split.images[0].numel() * len(index)
-        free, _ = torch.cuda.mem_get_info(device)
-        if needed < free / 2:
+        if needed < device_memory_budget(device) / 2:
             return Part(split.images[index].to(device), split.labels[index].to(device),
-                        torch.arange(len(index), device=device), dataset.normalize)
-    return Part(split.images, split.labels, index, dataset.normalize)
+                        torch.arange(len(index), device=device), dataset.to_input)
+    return Part(split.images, split.labels, index, dataset.to_input)
 
 
 def evaluate(net, dataset, split_name: str, index=None, *, batch_size: int = 256,
@@ -217,6 +219,9 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
         raise ValueError("a cached prefix serves plain fitness runs only (no method, start or kept network)")
     method = method or Method()
     device = resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, model)
+    if device.type == "cuda":  # fixed input shapes: cuDNN's timed pick of kernels pays off from the first epoch
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     started = time.perf_counter()
@@ -247,7 +252,7 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
         set_learning_rates(optimizer, base_lr_now)
         loss_sum = torch.zeros((), device=device)
         for batch, batch_labels in epoch_batches():
-            with autocast(device, cfg.amp):
+            with autocast(device, amp):
                 _, loss = _logits_and_loss(net, batch, batch_labels)
             penalty = method.penalty(net)  # in full precision: small weight differences matter
             if penalty is not None:
@@ -264,7 +269,7 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
                         train_loss, epoch, seed)
             result.status = "diverged"
             break
-        val = score(net, validation, cfg.eval_batch_size, device, cfg.amp, fmt)
+        val = score(net, validation, cfg.eval_batch_size, device, amp, fmt)
         if not math.isfinite(val["loss"]):
             result.status = "diverged"
             break

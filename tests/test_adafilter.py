@@ -52,7 +52,7 @@ def lite0_case():
 def tiny_case(smoke_inputs):
     """tiny_cnn on the smoke data."""
     model, dataset = smoke_inputs
-    return (*gated(model), dataset.normalize(dataset.val.images[:8]))
+    return (*gated(model), dataset.to_input(dataset.val.images[:8]))
 
 
 @pytest.mark.parametrize("case", ["tiny_case", "lite0_case"])
@@ -83,7 +83,7 @@ def test_straight_through_gives_every_part_of_the_gate_network_a_gradient(smoke_
     model, dataset = smoke_inputs
     net, _ = gated(model)
     net.train()
-    images, labels = dataset.normalize(dataset.train.images[:16]), dataset.train.labels[:16]
+    images, labels = dataset.to_input(dataset.train.images[:16]), dataset.train.labels[:16]
     F.cross_entropy(net(images), labels).backward()
     gates = net.gates
     for module in [*gates.embed, gates.cell, *gates.heads]:
@@ -96,7 +96,7 @@ def test_gates_are_hard_and_per_example(smoke_inputs):
     net, _ = gated(model)
     net.eval()
     with torch.no_grad():
-        net(dataset.normalize(dataset.val.images[:8]))
+        net(dataset.to_input(dataset.val.images[:8]))
     gates = [g for _, g in net.gates.used]
     assert [g.shape[1] for g in gates] == [layer.tuned.out_channels for layer in net.gated_layers()]
     assert all(set(g.unique().tolist()) <= {0.0, 1.0} for g in gates)
@@ -117,7 +117,7 @@ def test_after_training_examples_get_different_gate_patterns(trained, smoke_inpu
     assert result.ok and result.epochs == 3
     net = result.net.eval()
     with torch.no_grad():
-        net(dataset.normalize(dataset.val.images))
+        net(dataset.to_input(dataset.val.images))
     gates = [g for _, g in net.gates.used]
     assert len(torch.cat(gates, dim=1).unique(dim=0)) > 1
     usage = method.gate_usage(net, dataset, "val", batch_size=16, channels_last=False)
@@ -154,7 +154,7 @@ def test_gate_penalty_is_the_share_of_fine_tuned_filters(smoke_inputs):
     model, dataset = smoke_inputs
     method = get_method("adafilter", gate_penalty=0.5)
     net = method.prepare(fresh_net(model, seed=0), model).train()
-    net(dataset.normalize(dataset.train.images[:8]))
+    net(dataset.to_input(dataset.train.images[:8]))
     gates = [g for _, g in net.gates.used]
     share = sum(g.sum() for g in gates) / sum(g.numel() for g in gates)
     assert 0 < share < 1
@@ -167,7 +167,7 @@ def test_gate_penalty_is_the_share_of_fine_tuned_filters(smoke_inputs):
 def test_gumbel_gates_are_random_in_training_only(smoke_inputs):
     model, dataset = smoke_inputs
     net = get_method("adafilter", gumbel_temperature=5.0).prepare(fresh_net(model, seed=0), model)
-    images = dataset.normalize(dataset.train.images[:8])
+    images = dataset.to_input(dataset.train.images[:8])
 
     def gates():
         with torch.no_grad():
@@ -290,3 +290,40 @@ def test_the_spottune_recipe_trains_with_sgd_and_step_decay(smoke_config, smoke_
     assert [lr for _, _, lr in seen] == pytest.approx([0.05, 0.05, 0.005, 0.0005])  # / 10 at epochs 2 and 3
     with pytest.raises(ValueError, match="choose one of protocol, spottune"):
         get_method("adafilter", recipe="sgd")
+
+
+def test_the_report_sets_learned_gates_beside_untrained_ones_and_a_majority_mask(trained, smoke_inputs, smoke_config):
+    from biotune.train import evaluate
+
+    method, result = trained
+    _, dataset = smoke_inputs
+    net = result.net.eval()
+    usage = method.gate_usage(net, dataset, "test", batch_size=16, channels_last=False)
+    with torch.no_grad():
+        net(dataset.to_input(dataset.test.images))
+    gates = [g for _, g in net.gates.used]
+    # a filter changes when some examples take it and others do not
+    assert usage["changing_share"].tolist() == pytest.approx(
+        [((g.mean(0) > 0) & (g.mean(0) < 1)).float().mean().item() for g in gates])
+    cfg = replace(smoke_config.train, amp=False)  # resolved, as the final protocol passes it
+    name, report = method.test_report(net, dataset, cfg)
+    assert name == "gate_usage.csv" and "on" not in report.columns
+    assert {"untrained_share_mean", "untrained_share_std", "untrained_changing_share",
+            "majority_mask_test_macro_acc"} <= set(report.columns)
+    test = evaluate(net, dataset, "test", batch_size=cfg.eval_batch_size, amp=False, channels_last=cfg.channels_last)
+    assert report["test_macro_acc"].iloc[0] == pytest.approx(test["macro_acc"])
+    # the report left the learned gates in place
+    assert method.gate_usage(net, dataset, "test", batch_size=16, channels_last=False)["share_mean"].tolist() == \
+        pytest.approx(usage["share_mean"].tolist())
+    masks = [(g.mean(0) > 0.5) for g in gates]
+    with torch.no_grad(), net.gates_fixed(masks):
+        net(dataset.to_input(dataset.test.images[:5]))
+    assert all(torch.equal(g, m.float().expand(5, -1)) for (_, g), m in zip(net.gates.used, masks))
+
+
+def test_the_gate_network_can_have_its_own_learning_rate(smoke_inputs):
+    model, _ = smoke_inputs
+    method = get_method("adafilter", lr_scale=0.1, gate_lr_scale=3.0, d=10)
+    net = method.prepare(copy.deepcopy(model.net), model)
+    groups = {g["name"]: g["lr_scale"] for g in method.param_groups(net, model, method.plan(model), 1e-3)}
+    assert groups["gates"] == 3.0 and groups["fine_tuned"] == 0.1 and net.gates.cell.hidden_size == 10

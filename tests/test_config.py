@@ -95,3 +95,13 @@ def test_round_trip_through_dict():
 
 def test_num_folds():
     assert [cfg.num_folds(s) for s in (1, 0.5, 0.34, 0.25, 0.3)] == [1, 2, 3, 4, 4]
+
+
+def test_amp_follows_the_model_unless_forced_and_stored_bools_still_load():
+    assert cfg.resolve("paper").train.amp == "auto" and cfg.resolve("paper").train.cudnn_benchmark is True
+    assert cfg.resolve("smoke", overrides=["train.amp=false"]).train.amp is False
+    with pytest.raises(cfg.ConfigError, match="train.amp='bf16': choose one of: auto, True, False"):
+        cfg.resolve("smoke", overrides=["train.amp=bf16"])
+    stored = cfg.resolve("cpu").to_dict()  # a run stored before "auto": amp was a bool
+    stored["train"]["amp"] = True
+    assert cfg.from_dict(stored).train.amp is True

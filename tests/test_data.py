@@ -74,18 +74,18 @@ def test_preprocess_rejects_bad_values(args):
         Preprocess(*args)
 
 
-def test_normalize_maps_uint8_through_mean_and_std():
+def test_to_input_maps_uint8_through_mean_and_std():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     ds = load_dataset("synthetic", Preprocess(16, 16, "bilinear", mean, std), cache=False,
                       num_train=8, num_val=8, num_test=8)
-    white = ds.normalize(torch.full((2, 3, 5, 5), 255, dtype=torch.uint8))
-    black = ds.normalize(torch.zeros((3, 5, 5), dtype=torch.uint8))
-    assert white.dtype == torch.float32 and white.shape == (2, 3, 5, 5)
+    white = ds.to_input(torch.full((2, 3, 16, 16), 255, dtype=torch.uint8))
+    black = ds.to_input(torch.zeros((3, 16, 16), dtype=torch.uint8))
+    assert white.dtype == torch.float32 and white.shape == (2, 3, 16, 16)
     for c in range(3):
         assert torch.allclose(white[:, c], torch.tensor((1 - mean[c]) / std[c]), atol=1e-5)
         assert torch.allclose(black[c], torch.tensor(-mean[c] / std[c]), atol=1e-5)
     with pytest.raises(TypeError, match="uint8"):
-        ds.normalize(torch.zeros((1, 3, 2, 2)))
+        ds.to_input(torch.zeros((1, 3, 2, 2)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +107,8 @@ def test_fashion_mnist_from_the_debian_files(tmp_path):
 
     small = load_dataset("fashion_mnist", pp(32, 36, "bicubic"), root=tmp_path, cache=False,
                          max_train=500, max_val=200, max_test=100)
-    assert small.train.images.shape == (500, 3, 32, 32)
+    assert small.train.images.shape == (500, 3, 28, 28)  # stored native, resized per batch
+    assert small.to_input(small.train.images[:4]).shape == (4, 3, 32, 32)
     assert class_counts(small.train.labels, 10) == [50] * 10
     assert (len(small.val), len(small.test)) == (200, 100)
 
@@ -148,7 +149,7 @@ def test_mnist5k_carves_test_then_val_stratified(tmp_path):
 
 
 def test_digits_sizes_range_and_stratified_subsets(tmp_path):
-    ds = load_dataset("digits", pp(16), root=tmp_path, cache=False)
+    ds = load_dataset("digits", pp(16), root=tmp_path, cache=False, store_at="input")
     assert (len(ds.train), len(ds.val), len(ds.test)) == (1150, 288, 359)
     assert ds.train.images.shape == (1150, 3, 16, 16) and ds.train.images.max() == 255
     full = np.bincount(load_dataset("digits", root=tmp_path, cache=False).train.labels.numpy())
@@ -178,13 +179,13 @@ def test_synthetic_is_learnable_in_one_epoch():
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     for batch in torch.randperm(len(ds.train)).split(16):
-        loss = nn.functional.cross_entropy(net(ds.normalize(ds.train.images[batch])), ds.train.labels[batch])
+        loss = nn.functional.cross_entropy(net(ds.to_input(ds.train.images[batch])), ds.train.labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     net.eval()
     with torch.no_grad():
-        accuracy = (net(ds.normalize(ds.test.images)).argmax(1) == ds.test.labels).float().mean()
+        accuracy = (net(ds.to_input(ds.test.images)).argmax(1) == ds.test.labels).float().mean()
     assert accuracy > 0.6  # chance is 0.25
 
 
@@ -285,7 +286,7 @@ def medmnist(path, n=(40, 10, 20), shape=(7, 7), labels_2d=True, **extra):
 
 
 def test_npz_in_the_medmnist_layout(tmp_path):
-    gray = load_dataset("npz", pp(8), root=tmp_path, path=medmnist(tmp_path / "blood.npz"))
+    gray = load_dataset("npz", pp(8), root=tmp_path, path=medmnist(tmp_path / "blood.npz"), store_at="input")
     assert gray.name == "blood" and gray.class_names == ["0", "1", "2"]
     assert (len(gray.train), len(gray.val), len(gray.test)) == (40, 10, 20)
     assert gray.val_source == "official" and gray.train.images.shape == (40, 3, 8, 8)
@@ -482,8 +483,9 @@ def test_csv_numeric_labels_are_class_names(tmp_path, caplog):
 def test_second_load_reads_the_cache(tmp_path, caplog):
     options = {"root": tmp_path, "num_train": 40, "num_val": 20, "num_test": 20}
     first = load_dataset("synthetic", pp(12), **options)
-    files = list((tmp_path / "cache").glob("synthetic-*.pt"))
-    assert len(files) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    folders = list((tmp_path / "cache").glob("synthetic-*"))
+    assert len(folders) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    assert first.train.cache_file == folders[0] / "train"  # the first load maps the cache too
     with caplog.at_level(logging.INFO, logger="biotune.data"):
         second = load_dataset("synthetic", pp(12), **options)
     assert "reading the cached tensors" in caplog.text
@@ -492,19 +494,21 @@ def test_second_load_reads_the_cache(tmp_path, caplog):
         assert torch.equal(getattr(first, split).labels, getattr(second, split).labels)
     assert second.summary() == first.summary()
     load_dataset("synthetic", pp(10), **options)  # another preprocess, another file
-    assert len(list((tmp_path / "cache").glob("synthetic-*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("synthetic-*"))) == 2
 
 
 @pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"garbage", lambda data: b""],
                          ids=["truncated", "garbage", "empty"])
 def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
     options = {"root": tmp_path, "num_train": 8, "num_val": 8, "num_test": 8}
-    fresh = load_dataset("synthetic", pp(8), **options)
-    (file,) = (tmp_path / "cache").glob("synthetic-*.pt")
+    load_dataset("synthetic", pp(8), **options)  # writes the cache; its mapping is dropped before the damage
+    fresh = load_dataset("synthetic", pp(8), **options, cache=False)
+    (folder,) = (tmp_path / "cache").glob("synthetic-*")
+    file = folder / "val_images.npy"
     file.write_bytes(damage(file.read_bytes()))
     with caplog.at_level(logging.WARNING, logger="biotune.data"):
         rebuilt = load_dataset("synthetic", pp(8), **options)
-    assert f"the cache file {file} is unreadable" in caplog.text
+    assert f"the cache {folder} is unreadable" in caplog.text
     caplog.clear()
     again = load_dataset("synthetic", pp(8), **options)  # the rebuilt file reads back
     assert "unreadable" not in caplog.text and not list((tmp_path / "cache").glob("*.tmp"))
@@ -578,7 +582,7 @@ def test_small_images_are_upsampled_to_the_input_without_cropping(tmp_path):
     path = tmp_path / "framed.npz"
     np.savez(path, **{f"{s}_images": frame for s in ("train", "val", "test")},
              **{f"{s}_labels": labels for s in ("train", "val", "test")})
-    dataset = load_dataset("npz", pp(32, resize=64), root=tmp_path, path=path)
+    dataset = load_dataset("npz", pp(32, resize=64), root=tmp_path, path=path, store_at="input")
     image = dataset.train.images[0, 0].float()
     # a centre crop after resizing to 64 would cut the border away; the whole frame must survive
     assert image[0].mean() > 100 and image[-1].mean() > 100 and image[:, 0].mean() > 100

@@ -63,3 +63,32 @@ def test_wrong_genome_length_names_the_expected_length():
 def test_unknown_encoding_lists_the_choices():
     with pytest.raises(ValueError, match="no_lr_genes"):
         num_genes(4, "no_lr")
+
+
+def test_head_trained_keeps_the_head_whatever_its_gene_and_rates_it_by_its_gene():
+    genes = [0.2, 0.6, 0.5, 0.1, 0.5]  # head gene 0.1 below the threshold: frozen in the paper's encoding
+    assert decode(genes, BLOCKS).trained == ["stage1"]
+    plan = decode(genes, BLOCKS, "head_trained")
+    assert plan.trained == ["stage1", "head"] and plan.multipliers["head"] == pytest.approx(multiplier(0.1))
+    assert decode([0.0] * 5, BLOCKS, "head_trained").trained == ["head"]  # never an empty plan
+
+
+def test_freeze_bits_decide_training_apart_from_the_rate():
+    # rate genes for 4 blocks, then freeze genes for the 3 blocks before the head
+    genes = [0.05, 0.9, 0.3, 0.2, 0.7, 0.4, 0.51]
+    assert num_genes(4, "freeze_bits") == 7
+    plan = decode(genes, BLOCKS, "freeze_bits")
+    assert plan.trained == ["stem", "stage2", "head"]
+    assert plan.multipliers["stem"] == pytest.approx(multiplier(0.05))  # below every other gene, still trained
+    with pytest.raises(ValueError, match="needs 7 .*freeze gene"):
+        decode(genes[:-1], BLOCKS, "freeze_bits")
+
+
+@pytest.mark.parametrize("encoding", ["head_trained", "freeze_bits"])
+def test_the_new_encodings_encode_and_refuse_a_frozen_head(encoding):
+    plan = FineTunePlan({"stage1": 2.0, "head": 0.5}, tuple(BLOCKS))
+    again = decode(encode(plan, encoding), BLOCKS, encoding)
+    assert again.trained == plan.trained
+    assert again.multipliers == pytest.approx(plan.multipliers)
+    with pytest.raises(ValueError, match="trains the head"):
+        encode(FineTunePlan({"stage1": 2.0}, tuple(BLOCKS)), encoding)

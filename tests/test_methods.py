@@ -61,7 +61,7 @@ def block(net, *modules) -> Block:
 
 def train_batches(dataset, batch_size: int = 16) -> list:
     images, labels = dataset.train.images, dataset.train.labels
-    return [(dataset.normalize(images[i:i + batch_size]), labels[i:i + batch_size])
+    return [(dataset.to_input(images[i:i + batch_size]), labels[i:i + batch_size])
             for i in range(0, len(labels), batch_size)]
 
 
@@ -157,12 +157,70 @@ def test_autorgn_learning_rates_are_relative_gradient_norms(smoke_inputs):
         for n, p in trained.items():
             rgn[n] += (p.grad.norm() / p.norm()).item() / 5
     top = max(rgn.values())
-    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    assert all(len(g["params"]) == 1 and g["weight_decay"] == 1e-4 for g in optimizer.param_groups)
+    (group,) = optimizer.param_groups
+    assert group["params"] == list(trained.values()) and group["weight_decay"] == 1e-4
+    rates = {n: scale * group["lr"] for n, scale in zip(trained, optimizer.scales)}
     assert rates == pytest.approx({n: v / top * lr for n, v in rgn.items()}, rel=1e-4)
     assert max(rates.values()) == lr
-    for g in optimizer.param_groups:
-        assert g["lr_scale"] * base_lr == pytest.approx(g["lr"])
+    assert group["lr_scale"] * base_lr == pytest.approx(group["lr"])
+
+
+def test_autorgn_scaled_adam_steps_as_one_group_per_tensor(smoke_inputs):
+    """One group with per-tensor step scales moves every tensor as Adam with a group per tensor at
+    lr_j = scale_j * lr (the official code's optimizer), step after step; a zero scale freezes."""
+    from biotune.methods.autorgn import ScaledAdam
+
+    reference, dataset = smoke_inputs
+    model = bn_named_model(reference)
+    nets = [fresh_net(model, 0), fresh_net(model, 0)]
+    params = [list(net.parameters()) for net in nets]
+    scales = torch.linspace(0, 1, len(params[0])).tolist()
+    scaled = ScaledAdam([{"params": params[0], "lr": 1e-2}], scales, weight_decay=1e-4)
+    per_tensor = torch.optim.Adam([{"params": [p], "lr": 1e-2 * s} for p, s in zip(params[1], scales)],
+                                  weight_decay=1e-4)
+    initial = [p.detach().clone() for p in params[0]]
+    for images, labels in train_batches(dataset)[:3]:  # the same gradients for both: a bias before a
+        scaled.zero_grad()                             # BatchNorm has a gradient of rounding noise only
+        F.cross_entropy(nets[0](images), labels).backward()
+        for a, b in zip(*params):
+            b.grad = a.grad.clone()
+        scaled.step()
+        per_tensor.step()
+    assert torch.equal(params[0][0], initial[0]), "scale 0: the tensor stays exactly where it was"
+    assert not torch.equal(params[0][-1], initial[-1])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["l2_sp", "l1_sp"])
+def test_sp_penalty_equals_the_per_tensor_loop_and_so_does_a_step(name, smoke_inputs):
+    """The multi-tensor penalty is the paper's formula summed tensor by tensor (value and gradient),
+    and one Adam step with it lands where a step with the per-tensor loop does."""
+    model, dataset = smoke_inputs
+    alpha, beta = 0.1, 0.01
+    images, labels = train_batches(dataset)[0]
+
+    def loop_penalty(method, net):
+        power = 2 if name == "l2_sp" else 1
+        start = sum((p - s).abs().pow(power).sum() / power for p, s in zip(method._backbone, method._start))
+        return alpha * start + beta / 2 * sum(p.pow(2).sum() for p in method._head)
+
+    stepped = []
+    for penalty in ("foreach", "loop"):
+        net, method = fresh_net(model, 0), get_method(name, alpha=alpha, beta=beta)
+        optimizer = torch.optim.Adam(method.param_groups(net, model, method.plan(model), 1e-3))
+        with torch.no_grad():  # away from the start, so the backbone term is not zero
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        value = method.penalty(net) if penalty == "foreach" else loop_penalty(method, net)
+        if penalty == "foreach":
+            torch.testing.assert_close(value, loop_penalty(method, net))
+        optimizer.zero_grad()
+        (F.cross_entropy(net(images), labels) + value).backward()
+        optimizer.step()
+        stepped.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*stepped):
+        torch.testing.assert_close(a, b)
 
 
 def test_autorgn_leaves_bn_tensors_untouched(smoke_config, smoke_inputs):

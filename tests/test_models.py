@@ -267,12 +267,11 @@ def test_densenet_file_with_torchvision_legacy_keys(tmp_path):
 
 
 @pytest.fixture
-def hub_dir(tmp_path):
-    """Point torch hub at an empty folder, as on a machine without a filled cache."""
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
+def hub_dir(tmp_path, monkeypatch):
+    """Point torch hub at an empty folder, as on a machine without a filled cache; afterwards the
+    hub follows $TORCH_HOME again (set_dir back to the old path would pin it for later tests)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    return tmp_path / "hub"
 
 
 def test_torchvision_weights_from_the_hub_cache(hub_dir):

@@ -1,5 +1,6 @@
 """The one trainer: param groups, frozen blocks, early stopping, metrics, divergence."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -103,3 +104,46 @@ def test_empty_plan_is_refused(smoke_config, smoke_inputs):
     model, dataset = smoke_inputs
     with pytest.raises(ValueError, match="trains no block"):
         train(model, dataset, plan_for(model, {}), smoke_config.train, seed=0)
+
+
+def test_amp_auto_is_the_models_measured_precision_and_true_false_force_it(smoke_inputs):
+    from biotune.models import meta_arch
+    from biotune.train import autocast, resolve_amp
+
+    resnet, lite = meta_arch("resnet50"), meta_arch("tf_efficientnet_lite0")
+    assert resolve_amp("auto", resnet) is True and resolve_amp("auto", lite) is False  # H100: 1.3x, slower
+    assert resolve_amp(True, lite) is True and resolve_amp(False, resnet) is False
+    model, _ = smoke_inputs
+    assert resolve_amp("auto", model) is model.amp is True  # unmeasured models: bf16, an assumption
+    with pytest.raises(TypeError, match="resolve_amp"):
+        autocast(torch.device("cuda"), "auto")  # an unresolved value would silently mean bf16
+
+
+def test_cudnn_benchmark_is_left_alone_on_the_cpu(smoke_config, smoke_inputs, monkeypatch):
+    model, dataset = smoke_inputs
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert smoke_config.train.cudnn_benchmark
+    train(model, dataset, plan_for(model, {model.blocks[-1].name: 1.0}), smoke_config.train, seed=0, progress=False)
+    assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_cudnn_benchmark_follows_its_switch_on_cuda(switch, smoke_config, smoke_inputs, monkeypatch):
+    """CUDA mocked: the run resolves a CUDA device, sets the flag, and stops before any tensor moves."""
+    trainer = importlib.import_module("biotune.train")  # the module: biotune.train is also the function
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    model, dataset = smoke_inputs
+    config = copy.deepcopy(smoke_config.train)
+    config.cudnn_benchmark = switch
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not switch)
+    monkeypatch.setattr(trainer, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(trainer, "fresh_net", stop)
+    with pytest.raises(Stop):
+        train(model, dataset, plan_for(model, {model.blocks[-1].name: 1.0}), config, seed=0, progress=False)
+    assert torch.backends.cudnn.benchmark is switch

@@ -75,7 +75,8 @@ class GateNetwork(nn.Module):
         self.cell = nn.LSTMCell(d, d)
         self.heads = nn.ModuleList(nn.Linear(d, c) for c in out_channels)
         self.gumbel_temperature = gumbel_temperature
-        self.fixed: float | None = None  # every gate set to this value (checks and analysis)
+        # every gate set to this value, or layer l's gates to the mask fixed[l] (checks and analysis)
+        self.fixed: float | list[torch.Tensor] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -85,7 +86,9 @@ class GateNetwork(nn.Module):
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """The gates (batch, C_l) of gated layer ``index``, from its input ``x``."""
-        if self.fixed is not None:
+        if isinstance(self.fixed, list):
+            gates = self.fixed[index].to(x.device, x.dtype).expand(len(x), -1)
+        elif self.fixed is not None:
             gates = x.new_full((len(x), self.heads[index].out_features), self.fixed)
         else:
             self.state = self.cell(self.embed[index](x.mean((2, 3))), self.state)
@@ -154,8 +157,9 @@ class AdaFilterNet(nn.Module):
         return [self.net.get_submodule(conv) for conv, _ in self.pairs]
 
     @contextlib.contextmanager
-    def gates_fixed(self, value: float):
-        """Every gate at ``value``: 0 runs the pretrained network, 1 the fine-tuned copies."""
+    def gates_fixed(self, value: float | list[torch.Tensor]):
+        """Every gate at ``value``: 0 runs the pretrained network, 1 the fine-tuned copies; or per
+        layer a 0/1 mask over its filters, the same for every example."""
         previous, self.gates.fixed = self.gates.fixed, value
         try:
             yield self
@@ -230,9 +234,11 @@ class AdaFilter(Method):
 
     def __init__(self, d: int = 64, layers: str | None = None, gumbel_temperature: float | None = None,
                  gate_penalty: float = 0.0, freeze_pretrained_bn: bool = True, lr_scale: float = 1.0,
-                 recipe: str = "protocol", sgd_lr: float = 0.01):
+                 recipe: str = "protocol", sgd_lr: float = 0.01, gate_lr_scale: float | None = None):
         """``layers``: a regex that must match a conv's whole module name (default: every backbone
-        conv); ``lr_scale``: the trained parameters' learning rate as a multiple of base_lr.
+        conv); ``lr_scale``: the trained parameters' learning rate as a multiple of base_lr;
+        ``gate_lr_scale``: the gate network's own (default: ``lr_scale``); ``d``: the gate's
+        embedding and LSTM width (SkipNet used 10).
         ``recipe="spottune"`` trains with SGD (momentum 0.9) from ``sgd_lr``, divided by 10 at half
         and at three quarters of ``train.max_epochs``, instead of the protocol's Adam and cosine
         schedule: SpotTune's kind of recipe, since AdaFilter's own is unknown (its values are ours)."""
@@ -241,6 +247,8 @@ class AdaFilter(Method):
         self.d, self.layers, self.gumbel_temperature = d, layers, gumbel_temperature
         self.gate_penalty, self.freeze_pretrained_bn, self.lr_scale = gate_penalty, freeze_pretrained_bn, lr_scale
         self.recipe, self.sgd_lr = recipe, sgd_lr
+        self.gate_lr_scale = lr_scale if gate_lr_scale is None else gate_lr_scale
+        self.initial_gates: dict | None = None  # the gate network before training, for the report
 
     def prepare(self, net: nn.Module, model) -> AdaFilterNet:
         """Gate the convs a trace finds, log what is not gated, and check that every gate at 0
@@ -272,6 +280,7 @@ class AdaFilter(Method):
         if not torch.equal(rebuilt, expected):
             raise RuntimeError(f"AdaFilter could not rebuild {model.name}: with every gate at 0 it no longer "
                                "computes the pretrained network (a conv output used elsewhere than its BatchNorm?)")
+        self.initial_gates = copy.deepcopy(wrapped.gates.state_dict())
         return wrapped
 
     def param_groups(self, net: AdaFilterNet, model, plan, base_lr: float) -> list[dict]:
@@ -289,7 +298,8 @@ class AdaFilter(Method):
         trained = {id(p) for group in kinds.values() for p in group}
         for p in net.parameters():
             p.requires_grad_(id(p) in trained)
-        return [{"params": ps, "lr": base_lr * self.lr_scale, "lr_scale": self.lr_scale, "name": kind}
+        scales = {kind: self.gate_lr_scale if kind == "gates" else self.lr_scale for kind in kinds}
+        return [{"params": ps, "lr": base_lr * scales[kind], "lr_scale": scales[kind], "name": kind}
                 for kind, ps in kinds.items() if ps]
 
     def on_epoch_start(self, epoch: int, net, optimizer, sample_batches) -> torch.optim.Optimizer:
@@ -313,27 +323,49 @@ class AdaFilter(Method):
 
     @torch.no_grad()
     def test_report(self, net: AdaFilterNet, dataset, cfg) -> tuple[str, pd.DataFrame]:
-        return "gate_usage.csv", self.gate_usage(net, dataset, "test", cfg.eval_batch_size, amp=cfg.amp,
-                                                 channels_last=cfg.channels_last)
+        """Per gated layer on the test split, the learned gates beside the same gate network before
+        training (``untrained_*``, on the trained convs), and the test macro accuracy of the learned
+        gates beside a fixed per-filter majority mask: whether the gates decide per example."""
+        options = {"batch_size": cfg.eval_batch_size, "amp": cfg.amp, "channels_last": cfg.channels_last}
+        learned = self.gate_usage(net, dataset, "test", **options)
+        report = learned.drop(columns="on").rename(columns={"macro_acc": "test_macro_acc"})
+        if self.initial_gates is not None:
+            trained_gates = copy.deepcopy(net.gates.state_dict())
+            net.gates.load_state_dict(self.initial_gates)
+            untrained = self.gate_usage(net, dataset, "test", **options)
+            net.gates.load_state_dict(trained_gates)
+            for column in ("share_mean", "share_std", "changing_share"):
+                report[f"untrained_{column}"] = untrained[column]
+        with net.gates_fixed([on > 0.5 for on in learned["on"]]):
+            report["majority_mask_test_macro_acc"] = self.gate_usage(net, dataset, "test", **options)["macro_acc"]
+        return "gate_usage.csv", report
 
     def gate_usage(self, net: AdaFilterNet, dataset, split: str = "test", batch_size: int = 256, *,
                    amp: bool = True, channels_last: bool = True) -> pd.DataFrame:
-        """Per gated layer, the share of its filters taking the fine-tuned weights on ``split``: the
-        mean over examples and its spread across them (std), as ``evaluate`` would run the network."""
+        """Per gated layer on ``split``, run as ``evaluate`` runs the network: the share of filters
+        taking the fine-tuned weights (mean over examples, std across them), the share of filters
+        whose choice is not the same for every example, each filter's share of examples choosing it
+        (``on``), and the network's macro accuracy in that pass (the same in every row)."""
+        from sklearn.metrics import balanced_accuracy_score
+
         from ..train import autocast, image_part, memory_format
 
         device = next(net.parameters()).device
         part = image_part(dataset, split, None, device)
-        shares = [[] for _ in net.pairs]
+        shares, on, predictions = [[] for _ in net.pairs], [0.0 for _ in net.pairs], []
         net.eval()
         for images, _ in part.batches(part.order, batch_size, device, memory_format(channels_last)):
             with autocast(device, amp):
-                net(images)
+                predictions.append(net(images).argmax(1).cpu())
             for index, g in net.gates.used:
                 shares[index].append(g.float().mean(1))
+                on[index] = on[index] + g.float().sum(0)
+        macro_acc = balanced_accuracy_score(part.labels[part.order].cpu().numpy(), torch.cat(predictions).numpy())
         rows = []
-        for (conv, bn), head, layer_shares in zip(net.pairs, net.gates.heads, shares):
-            share = torch.cat(layer_shares)
+        for (conv, bn), head, layer_shares, layer_on in zip(net.pairs, net.gates.heads, shares, on):
+            share, chosen = torch.cat(layer_shares), (layer_on / len(part.order)).cpu()
             rows.append({"layer": conv, "batchnorm": bn, "filters": head.out_features,
-                         "share_mean": share.mean().item(), "share_std": share.std(correction=0).item()})
+                         "share_mean": share.mean().item(), "share_std": share.std(correction=0).item(),
+                         "changing_share": ((chosen > 0) & (chosen < 1)).float().mean().item(), "on": chosen,
+                         "macro_acc": float(macro_acc)})
         return pd.DataFrame(rows)
