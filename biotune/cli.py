@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -86,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="biotune", description="BioTune: evolutionary selective fine-tuning of pretrained CNNs.",
         epilog="Config overrides: any --section.key VALUE, e.g. --ga.population 8 --train.seeds [1,2]")
-    parser.add_argument("--store", help="run store (SQLite file); default results/runs.sqlite")
-    parser.add_argument("--results-dir", help="folder for run folders (default results/)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     datasets = sub.add_parser("datasets", help="list dataset names; `datasets describe NAME`: its splits' sizes and bytes")
@@ -192,7 +191,43 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "formats (make rehearse); read them with data.verify false")
     fakes.add_argument("root", help="data root to write them under")
     fakes.add_argument("names", nargs="*", help="datasets (default: all nine)")
+    for command in _leaf_parsers(sub):  # the global flags after the command work too: search --store S
+        _add_global_options(command, argparse.SUPPRESS)
     return parser
+
+
+# Where each global flag means something; elsewhere it is refused rather than ignored. Without
+# --store, the store is <results-dir>/runs.sqlite, so --results-dir also locates a store.
+GLOBAL_FLAGS = {
+    "store": ("--store", {"search", "final", "baseline", "runs", "compare", "demo", "study"}),
+    "results_dir": ("--results-dir", {"search", "final", "baseline", "runs", "compare", "demo", "study"}),
+}
+ELSEWHERE = {"notebooks": "a plan's notebooks take -p store=FILE and --output-dir DIR",
+             "bench": "bench writes its runs to a temporary store and folder"}
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default) -> None:
+    """--store, --results-dir and -v on the main parser (default None) and again on every command
+    (default SUPPRESS, so a command's absent flag does not hide the main parser's)."""
+    parser.add_argument("--store", default=default, help="run store (SQLite file); default results/runs.sqlite")
+    parser.add_argument("--results-dir", default=default, help="folder for run folders (default results/)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default or False)
+
+
+def _leaf_parsers(subparsers) -> list[argparse.ArgumentParser]:
+    leaves = []
+    for command in dict.fromkeys(subparsers.choices.values()):
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves += _leaf_parsers(nested[0]) if nested else [command]
+    return leaves
+
+
+def _refuse_global_flags(args, parser: argparse.ArgumentParser) -> None:
+    for name, (flag, commands) in GLOBAL_FLAGS.items():
+        if getattr(args, name, None) is not None and args.command not in commands:
+            why = ELSEWHERE.get(args.command, "it reads and writes no run store")
+            parser.error(f"{flag} has no effect on `biotune {args.command}` ({why}); it is for "
+                         f"{', '.join(sorted(commands))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if rest and args.command not in ("search", "baseline", "bench", "final", "demo", "datasets", "study"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    _refuse_global_flags(args, parser)
+    if args.store is None and args.results_dir is not None:  # as a config's store_path: the one store of that folder
+        args.store = str(Path(args.results_dir) / "runs.sqlite")
     overrides = (_overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
                  + _executor_overrides(args))
     try:
@@ -253,8 +291,7 @@ def _run(args, overrides: list[str], rest: list[str]) -> int:
             _print_table(experiment.final(result.run_id, store=args.store, progress=progress,
                                           overrides=_executor_overrides(args)))
     elif args.command == "final":  # the stored config, with other run.* settings only
-        _print_table(experiment.final(args.run_id, store=args.store, progress=progress,
-                                      overrides=_overrides(rest) + _executor_overrides(args)))
+        _print_table(experiment.final(args.run_id, store=args.store, progress=progress, overrides=overrides))
     elif args.command == "baseline":
         run_id, finals = experiment.run_baseline(args.method, args.dataset, args.model, args.preset or "cpu",
                                                  config_file=args.config, overrides=overrides,

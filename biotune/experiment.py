@@ -100,8 +100,16 @@ def run_metadata(config: cfg.Config) -> dict:
 
 
 def run_dir(config: cfg.Config, run_id: str) -> Path:
-    path = Path(config.results_dir) / run_id
-    path.mkdir(parents=True, exist_ok=True)
+    return make_folder(Path(config.results_dir) / run_id, "the run's folder", "--results-dir DIR")
+
+
+def make_folder(path: Path, what: str, flag: str) -> Path:
+    """``path``, created if need be; a folder that cannot be made is one line naming it and the fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cfg.ConfigError(f"cannot create {path}, {what} ({error.strerror}); pass {flag} with a folder "
+                              "you can write to") from None
     return path
 
 
@@ -187,9 +195,9 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
     """
     if resume is not None:
         run_settings, other = split_run_settings(overrides)
-        _refuse_changes_on_resume(resume, dataset=dataset, model=model, preset=preset,
-                                  config_file=config_file, overrides=other)
         config, store_obj = _resumed_config(resume, store)
+        _refuse_changes_on_resume(f"--resume {resume}", config, dataset=dataset, model=model, preset=preset,
+                                  config_file=config_file, overrides=other)
         config = with_run_settings(config, run_settings)
         run_id = resume
         retrained = store_obj.drop_trailing_failures(run_id)
@@ -197,6 +205,7 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
             log.info("run %s: the %d failed evaluations it stopped on are trained again", run_id, retrained)
     else:
         config = cfg.resolve(preset or "cpu", config_file, run_overrides(dataset, model, overrides, store))
+        make_folder(Path(config.results_dir), "the results folder", "--results-dir DIR")
         store_obj = RunStore(config.store_path)
         run_id = new_run_id(config.ga.searcher, config.data.dataset)
     # Everything that can fail on bad input happens before the run exists or changes status.
@@ -252,14 +261,27 @@ def with_run_settings(config: cfg.Config, run_settings: dict) -> cfg.Config:
     return cfg.validate(cfg.merge(config, {"run": run_settings}, "override")) if run_settings else config
 
 
-def _refuse_changes_on_resume(run_id: str, **given) -> None:
-    """A resumed run replays its stored config exactly; anything else given would be ignored."""
-    changes = [name for name, value in given.items() if value not in (None, [], {})]
-    if changes:
+FLAGS = {"dataset": "--dataset", "model": "--model", "preset": "--preset", "config_file": "--config",
+         "results_dir": "--results-dir", "store": "--store"}
+
+
+def _refuse_changes_on_resume(command: str, stored: cfg.Config, overrides: dict, **given) -> None:
+    """A stored run (``--resume RUN``, ``final RUN``) goes on with its stored config exactly;
+    anything else given would be ignored, so it is refused, named as it was typed. Its own
+    results folder given again is no change; another one is refused with the stored one named."""
+    overrides = dict(overrides)
+    folder = overrides.pop("results_dir", None)
+    if folder is not None and Path(folder).resolve() != Path(stored.results_dir).resolve():
         raise cfg.ConfigError(
-            f"--resume {run_id} continues the run with its stored config; it takes no "
-            f"{', '.join(changes)} (given) other than the executor's run.* settings. To change the config, "
-            "start a new run without --resume.")
+            f"{command}: --results-dir {folder} is not the folder this run writes to ({stored.results_dir}, "
+            f"where its checkpoint and outputs are); repeat --results-dir {stored.results_dir}, or leave the flag out")
+    typed = [f"{FLAGS[name]} {value}" for name, value in given.items() if value not in (None, [], {})]
+    typed += [f"{FLAGS.get(key, '--' + key)} {value}" for key, value in cfg.flat_overrides(overrides).items()]
+    if typed:
+        raise cfg.ConfigError(
+            f"{command} goes on with the run's stored config; it takes no {', '.join(typed)} (only the executor's "
+            "--executor, --workers, --gpus, --runs-per-gpu and --run.* settings may change). To change the config, "
+            "start a new run.")
 
 
 def _search_loop(config: cfg.Config, evaluator: Evaluator, num_blocks: int, n_folds: int, folder: Path, *,
@@ -414,11 +436,9 @@ def final(run_id: str, *, store: str | Path | None = None, progress: bool = True
     """Final protocol for a finished search: retrain its best genome per seed, test it.
     ``overrides`` may set the executor only (``run.executor``, ``run.workers``, ...)."""
     run_settings, other = split_run_settings(overrides)
-    if other:
-        raise cfg.ConfigError(f"the final protocol uses the search's stored config; only run.* settings (the "
-                              f"executor) may change, got {', '.join(other)}")
     store_obj = RunStore(store)
     run = store_obj.run(run_id)
+    _refuse_changes_on_resume(f"final {run_id}", cfg.from_dict(run["config"]), other)
     if run["kind"] != "search":
         raise ValueError(f"run {run_id} is a {run['kind']} run; `biotune final` takes a search run")
     if run["status"] != "finished":
@@ -445,6 +465,7 @@ def run_baseline(method: str, dataset: str | None = None, model: str | None = No
     """
     method_class = METHODS.get(method)
     config = cfg.resolve(preset, config_file, run_overrides(dataset, model, overrides, store))
+    make_folder(Path(config.results_dir), "the results folder", "--results-dir DIR")
     grid = grid if grid is not None else method_class.grid
     store_obj = RunStore(config.store_path)
     previous = store_obj.matching_run(method, config.to_dict(), {"grid": grid}) if reuse else None

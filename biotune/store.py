@@ -103,8 +103,13 @@ class RunStore:
         self.path = Path(path) if path is not None else Config().store_path
         if self.path.is_dir():
             raise StoreError(f"run store {self.path} is a folder; pass a file, e.g. --store {self.path / 'runs.sqlite'}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30)
+        except (OSError, sqlite3.OperationalError) as error:  # e.g. a folder under /proc, a read-only disk
+            raise StoreError(f"cannot create the run store {self.path} in {self.path.parent} "
+                             f"({getattr(error, 'strerror', None) or error}); pass --store with a file in a folder "
+                             "you can write to, e.g. --store runs.sqlite") from None
         self.db.row_factory = sqlite3.Row
         try:
             self.db.execute("PRAGMA journal_mode=WAL")

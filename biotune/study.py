@@ -24,7 +24,7 @@ import pandas as pd
 from . import config as cfg
 from . import plots, stats
 from .batch import run_many
-from .experiment import run_overrides
+from .experiment import make_folder, run_overrides
 from .report import summary
 from .store import REUSE_IGNORES
 
@@ -71,8 +71,8 @@ def run_study(name: str, datasets: list[str], methods: list[str], seeds: int = 3
     ``<results_dir>/study/<name>/``) and return the tables by name and the folder."""
     overrides = cfg.flat_overrides(overrides)
     config = cfg.resolve(preset, overrides=run_overrides(None, model, overrides, store))
-    folder = Path(output_dir) if output_dir is not None else Path(config.results_dir) / "study" / name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(Path(output_dir) if output_dir is not None else Path(config.results_dir) / "study" / name,
+                         f"study {name}'s folder", "--results-dir DIR")
     setup = setup_key(preset, model, overrides)
     cells = study_cells(datasets, methods, seeds)
     todo = cells[~_in(cells, _rows(folder / "rows.csv", setup).query("status == 'ok'"))].reset_index(drop=True)

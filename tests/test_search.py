@@ -223,9 +223,9 @@ def test_a_failed_resume_keeps_a_finished_run_finished_and_says_the_way_out(smok
 
 def test_resume_refuses_settings_it_would_ignore(smoke):
     result = biotune.search(**smoke, progress=False)
-    with pytest.raises(biotune.ConfigError, match=f"--resume {result.run_id} .* takes no overrides"):
+    with pytest.raises(biotune.ConfigError, match=f"--resume {result.run_id} .* takes no --ga.population 8"):
         biotune.search(resume=result.run_id, store=smoke["store"], overrides={"ga.population": 8})
-    with pytest.raises(biotune.ConfigError, match="takes no dataset, preset"):
+    with pytest.raises(biotune.ConfigError, match="takes no --dataset digits, --preset cpu"):
         biotune.search("digits", preset="cpu", resume=result.run_id, store=smoke["store"])
 
 
