@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import config as cfg
-from .executors import TaskFailure, make_executor
+from .executors import SerialExecutor, TaskFailure, make_executor
 from .experiment import final, run_baseline, run_overrides, search
 from .ga import evaluation_schedule
 from .gpus import here, runs_per_gpu_for, training_device
@@ -113,9 +113,14 @@ def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus
     problems = [problem for row in rows for problem in _row_problems(row)]
     if problems:  # a typo fails now, not after hours of good rows
         raise ValueError("experiment rows that cannot run:\n  " + "\n  ".join(problems))
+    one_at_a_time = jobs == 1 and executor == "process"
+    if one_at_a_time:  # rows in this process, unplaced: each row's own runs go to the GPUs asked for
+        rows = [{**row, "overrides": {**cfg.flat_overrides(row.get("overrides")), "run.gpus": gpus}} for row in rows] \
+            if gpus else rows
+        gpus = None
     if runs_per_gpu is None:
-        runs_per_gpu = 1 if gpus_per_row else runs_per_gpu_for(jobs, gpus)
-    run = cfg.validate(cfg.Config(run=cfg.RunConfig(executor="serial" if jobs == 1 and executor == "process" else executor,
+        runs_per_gpu = 1 if gpus_per_row or one_at_a_time else runs_per_gpu_for(jobs, gpus)
+    run = cfg.validate(cfg.Config(run=cfg.RunConfig(executor="serial" if one_at_a_time else executor,
                                                      workers=jobs, gpus_per_run=gpus_per_row, gpus=gpus,
                                                      runs_per_gpu=runs_per_gpu))).run
     if run.executor != "ray":  # rows train on this machine: a device they cannot use fails now, once
@@ -125,7 +130,7 @@ def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus
                                       "GPUs itself: set the rows' train.device to cuda or auto, and pass gpus=[...]")
     outcomes = [None] * len(rows)
     store = str(Path(store).resolve()) if store is not None else None
-    with make_executor(run, cfg.TrainConfig()) as pool:
+    with SerialExecutor() if one_at_a_time else make_executor(run, cfg.TrainConfig()) as pool:
         shared = (store, progress and pool.in_process, str(Path.cwd()))
         with contextlib.closing(pool.map(_run_row, [(row,) for row in rows], shared)) as finished:
             for index, outcome in finished:

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--jobs", type=int, default=1, help="rows at once, each in its own process")
     study.add_argument("--executor", dest="row_executor", choices=("process", "ray"), default="process",
                        help="how rows run at once (default process)")
+    study.add_argument("--gpus", dest="row_gpus", type=_gpu_list, metavar="0,1,...",
+                       help="GPUs the rows go to (default: every visible GPU)")
 
     demo = sub.add_parser("demo", help="small search + final protocol vs full FT and linear probing")
     demo.add_argument("--preset", default="demo", choices=PRESETS)
@@ -349,7 +351,7 @@ def _describe_dataset(args, overrides: list[str]) -> None:
     table = pd.DataFrame(dataset.describe())
     print(f"{dataset.name} for {config.model.name} at {dataset.preprocess.image_size} px "
           f"(preset {args.preset}, data.store_at {config.data.store_at}), cached under {config.data.root}/cache")
-    for column in ("memory_bytes", "disk_bytes", "at_input_bytes"):
+    for column in ("array_bytes", "disk_bytes", "at_input_bytes"):
         table[column.replace("_bytes", "_MB")] = table.pop(column).map(
             lambda b: "-" if b is None or pd.isna(b) else f"{b / 2**20:,.1f}")
     _print_table(table)
@@ -420,7 +422,8 @@ def _study(args, overrides: list[str]) -> None:
 
     tables, folder = run_study(args.name or args.preset, args.datasets, args.methods, args.seeds, preset=args.preset,
                                model=args.model, overrides=overrides, references=tuple(args.references or REFERENCES),
-                               jobs=args.jobs, executor=args.row_executor, store=args.store, progress=args.jobs == 1)
+                               jobs=args.jobs, executor=args.row_executor, gpus=cfg.load_yaml(args.row_gpus or "null", "--gpus"),
+                               store=args.store, progress=args.jobs == 1)
     for key in ("summary", "paired"):
         _print_table(tables[key].query("metric == 'test'").drop(columns="metric").round(4))
     failed = tables["rows"].query("status != 'ok'")

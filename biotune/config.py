@@ -59,6 +59,9 @@ class DataConfig:
     # are resized per batch on the training device (SVHN at 224 px: 0.3 GB, not 15); "input":
     # resized once at load, cheaper per step where the input is small (the cpu presets)
     store_at: StoreAt = "native"
+    # the arrays cached under <root>/cache and mapped by every process; a cached split goes to a
+    # worker or Ray task as the file's path (false: no cache, the images go by value)
+    cache: Flag = True
     options: dict = field(default_factory=dict)  # source options, e.g. {"path": "my.npz"}
 
 

@@ -57,7 +57,7 @@ NPZ_KEYS = (*(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labe
 NPZ_LAYOUT = ("train_images, train_labels and optionally val_images/val_labels, test_images/test_labels, "
               "class_names (the MedMNIST layout)")
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
-_CACHE_VERSION = 2  # 1: one torch.save file per dataset at the model input
+_CACHE_VERSION = 3  # 1: one torch.save file at the model input; 2: resized with the CPU's uint8 kernel
 STORE_AT = ("native", "input")
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -96,7 +96,8 @@ class Preprocess:
 
 @dataclass
 class Split:
-    """One split: uint8 images (N, 3, H, W) at their stored size, int64 labels (N,).
+    """One split: uint8 images (N, C, H, W) at their stored size (C = 1 for gray images kept at
+    their native size, else 3), int64 labels (N,).
 
     Read from the cache, it pickles as the cache file's path: a worker process or a Ray task maps
     the same file instead of receiving a copy, so k processes on a machine hold the data once.
@@ -157,8 +158,8 @@ class ImageDataset:
                 "preprocess": asdict(self.preprocess)}
 
     def describe(self) -> list[dict]:
-        """Per split: images, stored size, bytes held (and on disk, when cached), and the bytes
-        the same images would take at the model input."""
+        """Per split: images, stored size, the bytes of its arrays (mapped from the cache: resident
+        only once read), on disk, and what the same images would take at the model input."""
         size = self.preprocess.image_size
         rows = []
         for name in SPLITS:
@@ -166,7 +167,7 @@ class ImageDataset:
             on_disk = (sum(f.stat().st_size for f in split.cache_file.parent.glob(f"{name}_*.npy"))
                        if split.cache_file is not None else None)
             rows.append({"split": name, "images": len(split), "stored": "x".join(map(str, split.images.shape[1:])),
-                         "memory_bytes": split.images.nbytes + split.labels.nbytes, "disk_bytes": on_disk,
+                         "array_bytes": split.images.nbytes + split.labels.nbytes, "disk_bytes": on_disk,
                          "at_input_bytes": len(split) * 3 * size * size})
         return rows
 
@@ -242,7 +243,7 @@ def load_dataset(name: str, preprocess: Preprocess | None = None, *, root: str |
     root = Path(root)
     title = Path(options["path"]).stem if "path" in options else source_name
     key = _cache_key(source_name, options, preprocess, val_fraction, seed, limits, store_at)
-    cache_folder = root / "cache" / f"{title}-{key}"
+    cache_folder = (root / "cache" / f"{title}-{key}").resolve()  # a split pickles as this path: absolute
     if cache and cache_folder.exists():
         log.info("%s: reading the cached tensors %s", title, cache_folder)
         cached = _read_cache(cache_folder)
@@ -442,8 +443,8 @@ def _stratified_chunks(labels: np.ndarray, n_folds: int, seed: int, part: str,
 def _to_split(raw: RawSplit, preprocess: Preprocess, store_at: str, desc: str) -> Split:
     if not isinstance(raw.images, np.ndarray):
         images = _decode_files(raw.images, preprocess, desc)
-    elif _keeps_native(raw.images, preprocess, store_at):
-        images = torch.tensor(_channels_first(raw.images)).expand(-1, 3, -1, -1).contiguous()
+    elif _keeps_native(raw.images, preprocess, store_at):  # gray stays one channel: to_input broadcasts it
+        images = torch.tensor(_channels_first(raw.images))
     else:
         images = _resize_arrays(raw.images, preprocess, desc)
     return Split(images, torch.as_tensor(raw.labels, dtype=torch.int64))
@@ -463,6 +464,9 @@ def _channels_first(images: np.ndarray) -> np.ndarray:
 def resize_to_input(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """Shorter side to resize_size (antialiased), then center-crop; for a uint8 batch (N, C, H, W)
     on any device, or a PIL image. The one resize of the library: at load and per batch alike.
+    A batch is resized in float32 and rounded back to uint8 on every device: torchvision's uint8
+    kernel exists on the CPU only, and its bicubic differs from the float one by up to 24 levels,
+    so the CPU and a GPU would not give the same pixels.
 
     Images smaller than the model input (MNIST, CIFAR, ...) are resized straight to the input
     size instead, so upsampling never crops away their borders (as the paper does: small and gray
@@ -470,13 +474,20 @@ def resize_to_input(images: torch.Tensor, preprocess: Preprocess) -> torch.Tenso
     """
     height, width = TF.get_size(images)
     target = preprocess.image_size if min(height, width) < preprocess.image_size else preprocess.resize_size
-    images = TF.resize(images, [target], antialias=True, interpolation=_INTERPOLATIONS[preprocess.interpolation])
+    interpolation = _INTERPOLATIONS[preprocess.interpolation]
+    if isinstance(images, torch.Tensor):
+        resized = TF.resize(images.float(), [target], antialias=True, interpolation=interpolation)
+        images = resized.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        images = TF.resize(images, [target], antialias=True, interpolation=interpolation)
     return TF.center_crop(images, [preprocess.image_size])
 
 
-def _resize_arrays(images: np.ndarray, preprocess: Preprocess, desc: str, batch: int = 2048) -> torch.Tensor:
-    """Same-sized images resized in batches: all 70000 Fashion-MNIST images take seconds."""
+def _resize_arrays(images: np.ndarray, preprocess: Preprocess, desc: str) -> torch.Tensor:
+    """Same-sized images resized in batches of at most 256 MB as float32: all 70000 Fashion-MNIST
+    images take seconds."""
     size = preprocess.image_size
+    batch = max(1, min(2048, 2**28 // (4 * 3 * size * size)))
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
     for start in tqdm(range(0, len(images), batch), desc=desc, leave=False, unit="batch", delay=2):
         chunk = torch.tensor(_channels_first(images[start:start + batch]))
@@ -500,8 +511,7 @@ def _decode_files(files: list[Path], preprocess: Preprocess, desc: str) -> torch
 
 def _stored_bytes(split: RawSplit, preprocess: Preprocess, store_at: str) -> int:
     if isinstance(split.images, np.ndarray) and _keeps_native(split.images, preprocess, store_at):
-        height, width = split.images.shape[1:3]
-        return len(split) * 3 * height * width
+        return split.images[:1].nbytes * len(split)
     return len(split) * 3 * preprocess.image_size ** 2
 
 

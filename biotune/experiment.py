@@ -126,7 +126,7 @@ def load_data(config: cfg.Config):
     check_batch_fits(preprocess, max(config.train.batch_size, config.train.eval_batch_size))
     return load_dataset(data.dataset, preprocess, root=data.root, download=data.download,
                         max_train=data.max_train, max_val=data.max_val, max_test=data.max_test,
-                        val_fraction=data.val_fraction, seed=data.split_seed, store_at=data.store_at,
+                        val_fraction=data.val_fraction, seed=data.split_seed, store_at=data.store_at, cache=data.cache,
                         verify=data.verify, **data.options)
 
 

@@ -192,10 +192,15 @@ def device_memory_budget(device: torch.device) -> int:
     return max(0, int(min(free + reserved - allocated, share * total - allocated)))
 
 
+# what CUDA, cuBLAS and cuDNN say when an allocation fails outside torch's caching allocator too
+# ("CUDA error: out of memory", CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED)
+OUT_OF_MEMORY = re.compile(r"out of memory|ALLOC_FAILED", re.IGNORECASE)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA out-of-memory: an infrastructure failure (batch size, runs per GPU), never a fitness."""
+    """A GPU out-of-memory: an infrastructure failure (batch size, runs per GPU), never a fitness."""
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "CUDA out of memory" in str(error))
+        isinstance(error, RuntimeError) and bool(OUT_OF_MEMORY.search(str(error))))
 
 
 def free_cached_memory() -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .gpus import is_out_of_memory
 from .train import (
     Part,
     autocast,
@@ -172,6 +173,8 @@ class PrefixCache:
             try:
                 self.cuts[k] = self._find_cut(k)
             except RuntimeError as error:  # e.g. a block run only in training, or a functional step the cut skips
+                if is_out_of_memory(error):  # not a property of the block: the run's executor handles it
+                    raise
                 log.debug("prefix cache: no cut at block %d (%s)", k, error)
                 self.cuts[k] = None
             if self.cuts[k] is None:

@@ -7,6 +7,7 @@ runs``) from blocking the writer.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -79,9 +80,9 @@ CREATE TABLE IF NOT EXISTS finals (
 JSON_COLUMNS = ("genes", "trained", "multipliers", "per_seed")
 # Where a run is written or executed, not what it computes: a search made on a GPU box is reused
 # on a laptop, whatever the data folder or thread count.
-REUSE_IGNORES = ("store", "results_dir", "data.root", "data.download", "data.verify", "data.store_at",
+REUSE_IGNORES = ("store", "results_dir", "data.root", "data.download", "data.verify", "data.store_at", "data.cache",
                  "model.allow_download", "train.device", "train.num_threads",
-                 "run")  # data.store_at: the same pixels either way; run: the executor, which does not change results
+                 "run")  # data.store_at: the same float resize either way; run: the executor, which does not change results
 
 
 class RunNotFoundError(KeyError):
@@ -302,7 +303,9 @@ def _with_defaults(stored: dict) -> dict:
 
 
 def _comparable(config: dict) -> dict:
-    """``config`` without the ``REUSE_IGNORES`` settings (sections are one level deep)."""
+    """``config`` without the ``REUSE_IGNORES`` settings (sections are one level deep), and with
+    ``train.amp`` "auto" as the precision it stands for: a run stored with ``amp: true`` (the
+    default before "auto") is the same run as an "auto" one of a model registered with bf16."""
     kept = {}
     for key, value in config.items():
         if key in REUSE_IGNORES:
@@ -311,7 +314,21 @@ def _comparable(config: dict) -> dict:
             kept[key] = {k: v for k, v in value.items() if f"{key}.{k}" not in REUSE_IGNORES}
         else:
             kept[key] = value
+    if kept.get("train", {}).get("amp") == "auto":
+        kept["train"] = {**kept["train"], "amp": _registered_amp(config["model"]["name"])}
     return kept
+
+
+@functools.cache
+def _registered_amp(model: str) -> bool | str:
+    from .models import (
+        meta_arch,  # models import torch and timm: only when a stored run is compared
+    )
+
+    try:
+        return meta_arch(model).amp
+    except Exception:  # noqa: BLE001 - a model this install cannot build: compare "auto" as written
+        return "auto"
 
 
 def _decode(row: dict) -> dict:

@@ -65,10 +65,11 @@ def study_rows(cells: pd.DataFrame, *, preset: str = "cpu", model: str | None = 
 def run_study(name: str, datasets: list[str], methods: list[str], seeds: int = 3, *, preset: str = "cpu",
               model: str | None = None, overrides: list[str] | dict | None = None,
               references: tuple[str, ...] = REFERENCES, jobs: int = 1, executor: str = "process",
-              store: str | Path | None = None, output_dir: str | Path | None = None,
-              progress: bool = False) -> tuple[dict[str, pd.DataFrame], Path]:
+              gpus: list[int] | None = None, store: str | Path | None = None,
+              output_dir: str | Path | None = None, progress: bool = False) -> tuple[dict[str, pd.DataFrame], Path]:
     """Run (or continue) the study; write its tables and figures to ``output_dir`` (default
-    ``<results_dir>/study/<name>/``) and return the tables by name and the folder."""
+    ``<results_dir>/study/<name>/``) and return the tables by name and the folder. ``jobs``,
+    ``executor`` and ``gpus`` say where rows run, as in ``batch.run_many``."""
     overrides = cfg.flat_overrides(overrides)
     config = cfg.resolve(preset, overrides=run_overrides(None, model, overrides, store))
     folder = make_folder(Path(output_dir) if output_dir is not None else Path(config.results_dir) / "study" / name,
@@ -88,7 +89,7 @@ def run_study(name: str, datasets: list[str], methods: list[str], seeds: int = 3
 
     if len(todo):
         run_many(study_rows(todo, preset=preset, model=model, overrides=overrides), jobs=jobs, executor=executor,
-                 store=config.store_path, progress=progress, on_finished=record)
+                 gpus=gpus, store=config.store_path, progress=progress, on_finished=record)
     rows = _rows(folder / "rows.csv", setup)
     tables = study_tables(rows[_in(rows, cells)].reset_index(drop=True), references)
     for table_name in ("summary", "paired"):  # rows.csv is written row by row
@@ -116,7 +117,7 @@ def _rows(file: Path, setup: str) -> pd.DataFrame:
     """The rows of this setup written so far, the latest line per cell (a failed row run again)."""
     if not file.is_file():
         return pd.DataFrame(columns=ROW_COLUMNS)
-    rows = pd.read_csv(file, dtype={"dataset": str, "method": str})
+    rows = pd.read_csv(file, dtype={"dataset": str, "method": str, "setup": str, "run_id": str})
     return rows[rows["setup"] == setup].drop_duplicates(CELL, keep="last")
 
 

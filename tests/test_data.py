@@ -107,7 +107,7 @@ def test_fashion_mnist_from_the_debian_files(tmp_path):
 
     small = load_dataset("fashion_mnist", pp(32, 36, "bicubic"), root=tmp_path, cache=False,
                          max_train=500, max_val=200, max_test=100)
-    assert small.train.images.shape == (500, 3, 28, 28)  # stored native, resized per batch
+    assert small.train.images.shape == (500, 1, 28, 28)  # stored native (one gray channel), resized per batch
     assert small.to_input(small.train.images[:4]).shape == (4, 3, 32, 32)
     assert class_counts(small.train.labels, 10) == [50] * 10
     assert (len(small.val), len(small.test)) == (200, 100)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import biotune
-from biotune import cli, fitness, gpus
+from biotune import batch, cli, fitness, gpus
 from biotune import config as cfg
 from biotune.executors import OutOfGPUMemoryError, ProcessExecutor, make_executor
 from biotune.store import RunStore
@@ -136,14 +136,22 @@ def test_each_worker_process_is_pinned_to_its_gpu_with_its_memory_share(fake_cud
 
 
 @pytest.mark.slow
-def test_rows_go_to_the_gpus_asked_for(fake_cuda, smoke):
+def test_rows_go_to_the_gpus_asked_for(fake_cuda, smoke, monkeypatch):
     rows = [{"method": "linear_probe", "preset": "smoke", "label": str(seed),
              "overrides": {**smoke["overrides"], "train.device": "auto", "train.seeds": [seed]}} for seed in (0, 1)]
     outcome = biotune.run_many(rows, jobs=2, gpus=[0, 2], store=smoke["store"])
     assert outcome["status"].tolist() == ["ok", "ok"]
     assert set(outcome["gpu"]) <= {"0", "2"} and outcome["gpu"].notna().all()
-    one = biotune.run_many(rows[:1], jobs=1, gpus=[3], store=smoke["store"])  # in this process
-    assert one["gpu"].tolist() == ["3"]
+
+    seen = []  # one row at a time runs in this process, unpinned; its own runs go to the GPUs asked for
+
+    def record(method, **arguments):
+        seen.append((gpus.here(), arguments["overrides"]["run.gpus"]))
+        return "a run id"
+
+    monkeypatch.setattr(batch, "run_method", record)
+    one = biotune.run_many(rows[:1], jobs=1, gpus=[3], store=smoke["store"])
+    assert one["status"].tolist() == ["ok"] and seen == [(None, [3])]
 
 
 # -- out of GPU memory: an infrastructure failure, never a fitness -----------------------------------
@@ -274,3 +282,11 @@ def test_the_paper_preset_refuses_the_cpu_unless_asked(unusable_gpu, smoke):
         assert db.runs().empty  # refused before the run existed
     asked = biotune.search(**dict(smoke, overrides={**refused, "train.device": "cpu"}), progress=False)
     assert (asked.evaluations["status"] == "ok").all()
+
+
+@pytest.mark.parametrize("message", ["CUDA out of memory. Tried to allocate 2.00 GiB",
+                                     "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate",
+                                     "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"])
+def test_every_way_a_gpu_says_out_of_memory_is_recognised(message):
+    assert gpus.is_out_of_memory(RuntimeError(message))
+    assert not gpus.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -27,10 +27,11 @@ def test_per_batch_resize_gives_the_pixels_of_the_resize_at_load(tmp_path, shape
     path, preprocess = npz(tmp_path / "small.npz", shape=shape), Preprocess(32, 36, interpolation, HALF, HALF)
     native = load_dataset(path, preprocess, root=tmp_path, store_at="native")
     at_input = load_dataset(path, preprocess, root=tmp_path, store_at="input")
-    assert native.train.images.shape[2:] == shape[:2] and at_input.train.images.shape[2:] == (32, 32)
+    assert native.train.images.shape[1:] == (shape[2] if len(shape) == 3 else 1, *shape[:2])  # gray: one channel
+    assert at_input.train.images.shape[1:] == (3, 32, 32)
     for split in ("train", "val", "test"):
         stored_small, stored_large = getattr(native, split).images, getattr(at_input, split).images
-        assert torch.equal(resize_to_input(stored_small, preprocess), stored_large)
+        assert torch.equal(resize_to_input(stored_small, preprocess).expand_as(stored_large), stored_large)
         batch = torch.arange(0, len(stored_small), 2)  # a batch, not the whole split: per-image results
         assert torch.equal(native.to_input(stored_small[batch]), at_input.to_input(stored_large[batch]))
 
@@ -89,6 +90,18 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path):
     huge = Preprocess(200000, 200000, "bilinear", HALF, HALF)
     with pytest.raises(ValueError, match=r"would take .* GiB as uint8.*more than the .* GiB this machine has"):
         load_dataset(path, huge, root=tmp_path, store_at="input")
+
+
+def test_the_resize_is_float32_rounded_on_every_device():
+    """The CPU's uint8 kernel is not used: its bicubic differs from the float one (which a GPU
+    runs) by up to 24 levels; float32 then rounding is what every device computes."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    preprocess = Preprocess(48, 48, "bicubic", HALF, HALF)
+    expected = TF.resize(images.float(), [48], antialias=True, interpolation=InterpolationMode.BICUBIC)
+    assert torch.equal(resize_to_input(images, preprocess), expected.round().clamp(0, 255).to(torch.uint8))
 
 
 def test_model_preprocess_sizes_are_the_paper_inputs():

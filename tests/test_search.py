@@ -275,3 +275,19 @@ def test_resuming_a_finished_run_whose_folder_was_removed_rewrites_it(smoke):
     assert (again.folder / "recipe.json").is_file() and again.best_genes == result.best_genes
     with RunStore(smoke["store"]) as store:
         assert store.run(result.run_id)["status"] == "finished"
+
+
+def test_a_run_stored_with_amp_true_is_reused_by_an_auto_config_of_a_bf16_model(tmp_path):
+    """train.amp was a bool before "auto": such a run is the same run where the model's registered
+    precision is bf16 (ResNet-50), another one where it is not (Lite0)."""
+    from biotune import config as cfg
+    from biotune.store import RunStore
+
+    with RunStore(tmp_path / "s.sqlite") as store:
+        for model in ("resnet50", "tf_efficientnet_lite0"):
+            old = cfg.resolve("smoke", overrides={"model.name": model, "train.amp": True}).to_dict()
+            store.create_run(f"old-{model}", kind="baseline", method="full", config=old, meta={})
+        for model, reused in (("resnet50", True), ("tf_efficientnet_lite0", False)):
+            new = cfg.resolve("smoke", overrides={"model.name": model}).to_dict()
+            assert new["train"]["amp"] == "auto"
+            assert (store.matching_run("full", new) is not None) == reused, model

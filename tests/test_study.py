@@ -103,3 +103,18 @@ def test_a_study_of_a_users_own_npz_from_the_command_line(tmp_path, capsys):
     assert "mean_diff" in out and "tables and figures:" in out
     rows = pd.read_csv(tmp_path / "results" / "study" / "smoke" / "rows.csv")
     assert len(rows) == 4 and set(rows["dataset"]) == {str(tmp_path / "mine.npz")} and (rows["status"] == "ok").all()
+
+
+def test_differences_equal_in_exact_arithmetic_are_ties():
+    result = stats.compare(np.array([0.9, 0.8, 0.7]), np.array([0.85, 0.75, 0.6]))  # 0.05, 0.05, 0.1 exactly
+    assert result["ties"] == 0 and result["p_value"] == pytest.approx(stats.compare(
+        np.array([0.05, 0.05, 0.1]), np.zeros(3))["p_value"])
+
+
+def test_a_setup_key_that_looks_like_a_number_is_read_back_as_text(tmp_path):
+    from biotune.study import ROW_COLUMNS, _rows
+
+    file = tmp_path / "rows.csv"
+    pd.DataFrame([{"dataset": "digits", "method": "full", "seed": 0, "status": "ok", "setup": "120e45678901",
+                   "run_id": "1"}], columns=ROW_COLUMNS).to_csv(file, index=False)
+    assert len(_rows(file, "120e45678901")) == 1
