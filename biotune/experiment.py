@@ -36,7 +36,7 @@ from .models import create_model, model_preprocess
 from .plots import convergence
 from .report import readable, summary
 from .searchers import Searcher
-from .store import RunStore
+from .store import RESULTS_VERSION, RunStore
 from .train import evaluate, resolve_amp
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def run_metadata(config: cfg.Config) -> dict:
             device_label = platform.processor() or platform.machine()
     status = _git("status", "--porcelain")
     return {
+        "results_version": RESULTS_VERSION,  # a run of another version is not reused (store.py)
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "versions": versions,

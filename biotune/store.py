@@ -78,6 +78,9 @@ CREATE TABLE IF NOT EXISTS finals (
 """
 
 JSON_COLUMNS = ("genes", "trained", "multipliers", "per_seed")
+# Bumped when the code computes other numbers for the same config; a run stored by another
+# version is not reused (1: before it was recorded; 2: images resized in float32 on every device).
+RESULTS_VERSION = 2
 # Where a run is written or executed, not what it computes: a search made on a GPU box is reused
 # on a laptop, whatever the data folder or thread count.
 REUSE_IGNORES = ("store", "results_dir", "data.root", "data.download", "data.verify", "data.store_at", "data.cache",
@@ -171,17 +174,20 @@ class RunStore:
                            (status, json.dumps(result), time.time(), run_id))
 
     def matching_run(self, method: str, config: dict, meta_match: dict | None = None) -> dict | None:
-        """The newest run of ``method`` with the same resolved config (``REUSE_IGNORES`` aside)
-        and ``meta_match`` items in its metadata; finished runs first. Lets a batch that stopped
-        part-way reuse what is done and continue what is not."""
+        """The newest run of ``method`` with the same resolved config (``REUSE_IGNORES`` aside),
+        made by code of the same ``RESULTS_VERSION``, and ``meta_match`` items in its metadata;
+        finished runs first. Lets a batch that stopped part-way reuse what is done and continue
+        what is not."""
         wanted = _comparable(config)
+        meta_match = {"results_version": RESULTS_VERSION, **(meta_match or {})}
         rows = self.db.execute(
             "SELECT run_id FROM runs WHERE method = ? AND dataset = ? AND model = ? AND preset = ?"
             " ORDER BY status = 'finished' DESC, started_at DESC",
             (method, config["data"]["dataset"], config["model"]["name"], config["preset"])).fetchall()
         for (run_id,) in rows:
             run = self.run(run_id)
-            if _comparable(_with_defaults(run["config"])) == wanted and all(run["meta"].get(k) == v for k, v in (meta_match or {}).items()):
+            meta = {"results_version": 1, **run["meta"]}  # runs stored before the version was recorded
+            if _comparable(_with_defaults(run["config"])) == wanted and all(meta.get(k) == v for k, v in meta_match.items()):
                 return run
         return None
 

@@ -281,13 +281,28 @@ def test_a_run_stored_with_amp_true_is_reused_by_an_auto_config_of_a_bf16_model(
     """train.amp was a bool before "auto": such a run is the same run where the model's registered
     precision is bf16 (ResNet-50), another one where it is not (Lite0)."""
     from biotune import config as cfg
-    from biotune.store import RunStore
+    from biotune.store import RESULTS_VERSION, RunStore
 
     with RunStore(tmp_path / "s.sqlite") as store:
         for model in ("resnet50", "tf_efficientnet_lite0"):
             old = cfg.resolve("smoke", overrides={"model.name": model, "train.amp": True}).to_dict()
-            store.create_run(f"old-{model}", kind="baseline", method="full", config=old, meta={})
+            store.create_run(f"old-{model}", kind="baseline", method="full", config=old,
+                             meta={"results_version": RESULTS_VERSION})
         for model, reused in (("resnet50", True), ("tf_efficientnet_lite0", False)):
             new = cfg.resolve("smoke", overrides={"model.name": model}).to_dict()
             assert new["train"]["amp"] == "auto"
             assert (store.matching_run("full", new) is not None) == reused, model
+
+
+def test_a_run_of_another_results_version_is_not_reused(tmp_path):
+    """Code that computes other numbers for the same config (the float32 resize) bumps the version:
+    a run stored before is trained again, not reused."""
+    from biotune import config as cfg
+    from biotune.store import RESULTS_VERSION, RunStore
+
+    config = cfg.resolve("smoke").to_dict()
+    with RunStore(tmp_path / "s.sqlite") as store:
+        store.create_run("before", kind="baseline", method="full", config=config, meta={})  # no version: 1
+        assert store.matching_run("full", config) is None
+        store.create_run("now", kind="baseline", method="full", config=config, meta={"results_version": RESULTS_VERSION})
+        assert store.matching_run("full", config)["run_id"] == "now"
