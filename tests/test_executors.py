@@ -270,7 +270,7 @@ def test_a_final_protocol_run_that_fails_is_not_stored_and_the_next_call_trains_
     def train_failing_seed_1(model, dataset, plan, config, seed, **kwargs):
         attempts.append(seed)
         if seed == 1:
-            raise RuntimeError("out of memory")
+            raise RuntimeError("a transient failure")
         return real_train(model, dataset, plan, config, seed, **kwargs)
 
     monkeypatch.setattr(trainer, "train", train_failing_seed_1)
