@@ -26,7 +26,7 @@ from . import plots, stats
 from .batch import run_many
 from .experiment import make_folder, run_overrides
 from .report import summary
-from .store import REUSE_IGNORES
+from .store import RESULTS_VERSION, REUSE_IGNORES
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,13 @@ def run_study(name: str, datasets: list[str], methods: list[str], seeds: int = 3
 
 
 def setup_key(preset: str, model: str | None, overrides: dict) -> str:
-    """What makes a study's rows comparable: preset, model and the overrides that change results
-    (not where runs execute: data.root, results_dir, threads, device, the executor)."""
+    """What makes a study's rows comparable: preset, model, the overrides that change results
+    (not where runs execute: data.root, results_dir, threads, device, the executor) and the
+    results version of the code (store.RESULTS_VERSION)."""
     kept = {key: value for key, value in overrides.items()
             if key not in REUSE_IGNORES and key.split(".")[0] not in REUSE_IGNORES}
-    text = json.dumps({"preset": preset, "model": model, "overrides": kept}, sort_keys=True, default=str)
+    text = json.dumps({"preset": preset, "model": model, "overrides": kept, "results_version": RESULTS_VERSION},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
