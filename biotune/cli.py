@@ -213,10 +213,11 @@ def _add_global_options(parser: argparse.ArgumentParser, default) -> None:
     (default SUPPRESS, so a command's absent flag does not hide the main parser's)."""
     parser.add_argument("--store", default=default, help="run store (SQLite file); default results/runs.sqlite")
     parser.add_argument("--results-dir", default=default, help="folder for run folders (default results/)")
-    parser.add_argument("-v", "--verbose", action="store_true", default=default or False)
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if default is None else default)
 
 
 def _leaf_parsers(subparsers) -> list[argparse.ArgumentParser]:
+    """The parsers a command line ends in: `search`, `notebooks run`, `data check`, ..."""
     leaves = []
     for command in dict.fromkeys(subparsers.choices.values()):
         nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
