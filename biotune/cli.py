@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, overrides, rest)
     # Bad input of every kind (config, data, store, checkpoint, plan) raises one of these with a
     # message that says what to do; anything else is a bug and keeps its traceback.
+    except BrokenPipeError:  # `biotune runs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except (ValueError, KeyError, OSError, TrainingFailedError) as error:
         print(f"biotune: error: {error}", file=sys.stderr)
         return 2

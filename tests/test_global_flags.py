@@ -100,3 +100,13 @@ def test_paths_that_cannot_be_created_say_which_and_how_to_fix(capsys):
     assert main(["--results-dir", "/proc/nope", "search", "--preset", "smoke"]) == 2
     err = capsys.readouterr().err
     assert "cannot create /proc/nope, the results folder" in err and "pass --results-dir DIR" in err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`biotune models | head -1`: no 'Broken pipe' error once the reader has what it wanted."""
+    import subprocess
+    import sys
+
+    command = f"{sys.executable} -m biotune models | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() and "Broken pipe" not in done.stderr, done.stderr
