@@ -103,10 +103,11 @@ def test_paths_that_cannot_be_created_say_which_and_how_to_fix(capsys):
 
 
 def test_a_closed_pipe_ends_quietly():
-    """`biotune models | head -1`: no 'Broken pipe' error once the reader has what it wanted."""
+    """`biotune runs | head`: no 'Broken pipe' error once the reader has what it wanted (here a
+    reader that exits at once, before biotune writes, so the write always meets a closed pipe)."""
     import subprocess
     import sys
 
-    command = f"{sys.executable} -m biotune models | head -1"
+    command = f"{sys.executable} -m biotune models | true"
     done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() and "Broken pipe" not in done.stderr, done.stderr
+    assert done.returncode == 0 and "Broken pipe" not in done.stderr, done.stderr
