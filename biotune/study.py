@@ -74,7 +74,7 @@ def run_study(name: str, datasets: list[str], methods: list[str], seeds: int = 3
     config = cfg.resolve(preset, overrides=run_overrides(None, model, overrides, store))
     folder = make_folder(Path(output_dir) if output_dir is not None else Path(config.results_dir) / "study" / name,
                          f"study {name}'s folder", "--results-dir DIR")
-    setup = setup_key(preset, model, overrides)
+    setup = setup_key(preset, config.model.name, overrides)  # the model resolved: None and the preset's are one
     cells = study_cells(datasets, methods, seeds)
     todo = cells[~_in(cells, _rows(folder / "rows.csv", setup).query("status == 'ok'"))].reset_index(drop=True)
     log.info("study %s: %d of %d rows to run (the others are in %s)", name, len(todo), len(cells), folder / "rows.csv")
@@ -104,7 +104,7 @@ def run_study(name: str, datasets: list[str], methods: list[str], seeds: int = 3
     return tables, folder
 
 
-def setup_key(preset: str, model: str | None, overrides: dict) -> str:
+def setup_key(preset: str, model: str, overrides: dict) -> str:
     """What makes a study's rows comparable: preset, model, the overrides that change results
     (not where runs execute: data.root, results_dir, threads, device, the executor) and the
     results version of the code (store.RESULTS_VERSION)."""
