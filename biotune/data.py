@@ -541,11 +541,11 @@ def _check_fits(splits: dict[str, RawSplit], preprocess: Preprocess, store_at: s
 def check_batch_fits(preprocess: Preprocess, batch_size: int) -> None:
     """Refuse an input size whose batches alone (float32 at the model input) exceed this machine's
     memory: a typo such as --data.image_size 100000 should cost a second, not an allocation error."""
-    needed = 4 * 3 * batch_size * preprocess.image_size ** 2
-    if needed > available_memory():
+    needed, available = 4 * 3 * batch_size * preprocess.image_size ** 2, available_memory()
+    if needed > available:
         raise ValueError(
             f"one batch of {batch_size} images at {preprocess.image_size} px takes {needed / 2**30:.1f} GiB "
-            f"as float32, more than the {available_memory() / 2**30:.1f} GiB this machine has available; "
+            f"as float32, more than the {available / 2**30:.1f} GiB this machine has available; "
             "lower data.image_size (default: the model's input size) or train.batch_size")
 
 
