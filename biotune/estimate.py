@@ -207,13 +207,11 @@ def plan_costs(plan: str | Path, extra_parameters: dict | None = None) -> pd.Dat
 
 
 def defaults(notebook: Path) -> dict:
-    """The values of the notebook's parameters cell, read as Python (papermill's own reader skips
-    a line whose comment holds an '=')."""
-    import nbformat
+    """The values of the notebook's parameters cell, as papermill reads them (a test checks that it
+    sees every one)."""
+    from .notebooks import notebook_parameters
 
-    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
-    return {node.target.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body
-            if isinstance(node, ast.AnnAssign)}
+    return {name: ast.literal_eval(info["default"]) for name, info in notebook_parameters(notebook).items()}
 
 
 def wall_hours(hours: list[float], gpus: int) -> float:
