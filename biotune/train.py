@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .genome import FineTunePlan
 from .gpus import resolve_device  # with the GPU placement policy (gpus.py), beside the executors
+from .hooks import TrainingHooks
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +50,6 @@ class TrainResult:
         return self.status == "ok"
 
 
-def plan_param_groups(net: torch.nn.Module, blocks, plan: FineTunePlan, base_lr: float) -> list[dict]:
-    """Set requires_grad per the plan and return one param group per trained block.
-
-    Each group carries ``lr = base_lr * multiplier`` and ``lr_scale`` (MAE-style): the schedule
-    sets every group's rate to the scheduled base rate times its scale, so the genome's ratios
-    survive any schedule.
-    """
-    params = dict(net.named_parameters())
-    groups = []
-    for block in blocks:
-        scale = plan.multipliers.get(block.name)
-        for name in block.param_names:
-            params[name].requires_grad_(scale is not None)
-        if scale is not None:
-            groups.append({"params": [params[n] for n in block.param_names], "lr": base_lr * scale,
-                           "lr_scale": scale, "name": block.name})
-    return groups
-
-
 def fresh_net(model, seed: int) -> torch.nn.Module:
     """A copy of the pretrained network with its new head initialised from ``seed``; everything
     else, pretrained layers in the head's block included, as loaded."""
@@ -90,7 +72,8 @@ def set_train_mode(net: torch.nn.Module, frozen_modules: list, frozen_bn: str) -
                     sub.eval()
 
 
-def _logits_and_loss(net, images, labels):
+def logits_and_loss(net, images, labels):
+    """The logits and the task loss (with Inception-v3's auxiliary term in train mode)."""
     out = net(images)
     if isinstance(out, tuple):  # Inception-v3 in train mode: (logits, aux_logits)
         logits, aux = out
@@ -99,11 +82,6 @@ def _logits_and_loss(net, images, labels):
             loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux, labels)
         return logits, loss
     return out, F.cross_entropy(out, labels)
-
-
-def cosine_factor(epoch: int, t_max: int) -> float:
-    """CosineAnnealingLR's closed form (eta_min 0), stepped once per epoch."""
-    return (1 + math.cos(math.pi * epoch / t_max)) / 2
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
@@ -197,34 +175,29 @@ def score(net, part: Part, batch_size: int, device: torch.device, amp: bool, fmt
     }
 
 
-def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, method=None, start_from=None,
-          train_idx=None, val_idx=None, keep_net: bool = False, progress: bool = True, prefix=None,
-          stop_early: Callable[[int, float], bool] | None = None) -> TrainResult:
-    """Fine-tune a fresh copy of ``model`` (or of ``start_from``) per ``plan``; return the
-    best-validation result. ``method`` (a ``biotune.methods.Method``) hooks in its own network
-    wrapping, param groups, loss penalty and per-epoch optimizer; None is plain training.
+@dataclass
+class TrainingState:
+    """One training run's network, optimizer and data, on their device, ready for epochs."""
 
-    Two hooks serve the fitness evaluations of a search (``fitness.Evaluator``): ``prefix``
-    supplies the activations entering the first block the network computes, in place of the
-    images, and cuts the blocks before it from the network (``prefix_cache.CachedPrefix``);
-    ``stop_early(epoch, best validation macro accuracy so far)`` may end a run after any epoch,
-    which is then recorded as "pruned" with the best result it reached.
-    """
-    from .methods import Method
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    frozen: list  # modules whose BatchNorm statistics stay fixed (train.frozen_bn = "eval")
+    training: Part
+    validation: Part
+    device: torch.device
+    amp: bool
+    fmt: torch.memory_format
+    trainable_params: int
 
-    if plan.is_empty:
-        raise ValueError("the plan trains no block; a genome with no trained block is not trained "
-                         "(its fitness is the worst value)")
-    if prefix is not None and (keep_net or start_from is not None or method is not None):
-        raise ValueError("a cached prefix serves plain fitness runs only (no method, start or kept network)")
-    method = method or Method()
+
+def prepare_training(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, method: TrainingHooks,
+                  start_from, train_idx, val_idx, prefix) -> TrainingState:
+    """The network to train and its optimizer, built through the method's hooks in their order."""
     device = resolve_device(cfg.device)
-    amp = resolve_amp(cfg.amp, model)
     if device.type == "cuda":  # fixed input shapes: cuDNN's timed pick of kernels pays off from the first epoch
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    started = time.perf_counter()
     fmt = memory_format(cfg.channels_last)
     net = fresh_net(model, seed) if start_from is None else copy.deepcopy(start_from)
     modules = dict(net.named_modules())
@@ -232,66 +205,115 @@ def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, me
     net = method.prepare(net, model).to(device, memory_format=fmt)
     groups = method.param_groups(net, model, plan, cfg.base_lr)
     optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
-    order = torch.Generator().manual_seed(seed)
     if prefix is None:
         training, validation = image_part(dataset, "train", train_idx, device), image_part(dataset, "val", val_idx, device)
     else:
         net = prefix.attach(net)
         training, validation = prefix.train, prefix.val
     trainable = sum(p.numel() for g in groups for p in g["params"])
+    return TrainingState(net, optimizer, frozen, training, validation, device, resolve_amp(cfg.amp, model), fmt, trainable)
 
-    result = TrainResult(status="ok", best_epoch=-1, epochs=0, val={}, trainable_params=trainable)
-    best_state, best_score, waited = None, -math.inf, 0
+
+def run_epoch(state: TrainingState, method: TrainingHooks, epoch: int, cfg: TrainConfig,
+              order: torch.Generator) -> tuple[float, float, int]:
+    """One pass over the shuffled training part; returns (mean loss, base rate, images). A single
+    host sync: a non-finite loss anywhere in the epoch makes the mean non-finite."""
+    training, device = state.training, state.device
+    set_train_mode(state.net, state.frozen, cfg.frozen_bn)
+    shuffled = training.order[torch.randperm(len(training.order), generator=order).to(training.order.device)]
+    epoch_batches = functools.partial(training.batches, shuffled, cfg.batch_size, device, state.fmt)
+    state.optimizer = method.on_epoch_start(epoch, state.net, state.optimizer, epoch_batches)
+    base_lr = cfg.base_lr * method.lr_factor(epoch, cfg)
+    set_learning_rates(state.optimizer, base_lr)
+    loss_sum, images = torch.zeros((), device=device), 0
+    for batch, batch_labels in epoch_batches():
+        with autocast(device, state.amp):
+            _, loss = logits_and_loss(state.net, batch, batch_labels)
+        penalty = method.penalty(state.net)  # in full precision: small weight differences matter
+        if penalty is not None:
+            loss = loss + penalty
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        loss_sum += loss.detach() * len(batch_labels)
+        images += len(batch_labels)
+    return loss_sum.item() / len(training.order), base_lr, images
+
+
+class EarlyStopping:
+    """Keeps the best-validation weights; says when ``patience`` epochs passed without a gain of
+    more than ``min_delta`` in macro accuracy."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best_score, self.best_state, self.waited = -math.inf, None, 0
+
+    def improved(self, score: float, net: torch.nn.Module) -> bool:
+        if score > self.best_score + self.min_delta:
+            self.best_score, self.waited = score, 0
+            self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            return True
+        self.waited += 1
+        return False
+
+    @property
+    def patience_spent(self) -> bool:
+        return self.waited >= self.patience
+
+    def restore_best(self, net: torch.nn.Module) -> None:
+        if self.best_state is not None:
+            net.load_state_dict(self.best_state)
+
+
+def train(model, dataset, plan: FineTunePlan, cfg: TrainConfig, seed: int, *, method: TrainingHooks | None = None,
+          start_from=None, train_idx=None, val_idx=None, keep_net: bool = False, progress: bool = True,
+          prefix=None, stop_early: Callable[[int, float], bool] | None = None) -> TrainResult:
+    """Fine-tune a fresh copy of ``model`` (or of ``start_from``) per ``plan``; return the
+    best-validation result. ``method`` hooks in (hooks.py); None is plain training.
+
+    For a search's fitness runs: ``prefix`` supplies the activations entering the first block
+    the network computes and cuts the blocks before it (prefix_cache.py); ``stop_early(epoch,
+    best validation macro accuracy so far)`` may end a run, recorded as "pruned".
+    """
+    if plan.is_empty:
+        raise ValueError("the plan trains no block; a genome with no trained block is not trained "
+                         "(its fitness is the worst value)")
+    if prefix is not None and (keep_net or start_from is not None or method is not None):
+        raise ValueError("a cached prefix serves plain fitness runs only (no method, start or kept network)")
+    method = method or TrainingHooks()
+    started = time.perf_counter()
+    state = prepare_training(model, dataset, plan, cfg, seed, method, start_from, train_idx, val_idx, prefix)
+    order = torch.Generator().manual_seed(seed)
+    result = TrainResult(status="ok", best_epoch=-1, epochs=0, val={}, trainable_params=state.trainable_params)
+    stopping = EarlyStopping(cfg.patience, cfg.min_delta)
     epochs = tqdm(range(cfg.max_epochs), desc="epochs", leave=False, disable=not progress)
     for epoch in epochs:
-        set_train_mode(net, frozen, cfg.frozen_bn)
-        shuffled = training.order[torch.randperm(len(training.order), generator=order).to(training.order.device)]
-        epoch_batches = functools.partial(training.batches, shuffled, cfg.batch_size, device, fmt)
-        optimizer = method.on_epoch_start(epoch, net, optimizer, epoch_batches)
-        base_lr_now = cfg.base_lr * method.lr_factor(epoch, cfg)
-        set_learning_rates(optimizer, base_lr_now)
-        loss_sum = torch.zeros((), device=device)
-        for batch, batch_labels in epoch_batches():
-            with autocast(device, amp):
-                _, loss = _logits_and_loss(net, batch, batch_labels)
-            penalty = method.penalty(net)  # in full precision: small weight differences matter
-            if penalty is not None:
-                loss = loss + penalty
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(batch_labels)
-            result.train_images += len(batch_labels)
-        # one host sync per epoch: a non-finite loss anywhere in it makes the sum non-finite
-        train_loss = loss_sum.item() / len(training.order)
+        train_loss, base_lr, images = run_epoch(state, method, epoch, cfg, order)
+        result.train_images += images
         if not math.isfinite(train_loss):
             log.warning("training loss became %s in epoch %d (seed %d): run recorded as diverged",
                         train_loss, epoch, seed)
             result.status = "diverged"
             break
-        val = score(net, validation, cfg.eval_batch_size, device, amp, fmt)
+        val = score(state.net, state.validation, cfg.eval_batch_size, state.device, state.amp, state.fmt)
         if not math.isfinite(val["loss"]):
             result.status = "diverged"
             break
-        result.history.append({"epoch": epoch, "train_loss": train_loss, "base_lr": base_lr_now,
+        result.history.append({"epoch": epoch, "train_loss": train_loss, "base_lr": base_lr,
                                **{f"val_{k}": v for k, v in val.items()}})
         result.epochs = epoch + 1
         epochs.set_postfix(val_macro=f"{val['macro_acc']:.3f}")
-        if val["macro_acc"] > best_score + cfg.min_delta:
-            best_score, result.best_epoch, result.val, waited = val["macro_acc"], epoch, val, 0
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
+        if stopping.improved(val["macro_acc"], state.net):
+            result.best_epoch, result.val = epoch, val
+        elif stopping.patience_spent:
+            break
         best_seen = max(h["val_macro_acc"] for h in result.history)  # min_delta aside: what a replay reads
         if stop_early is not None and epoch + 1 < cfg.max_epochs and stop_early(epoch, best_seen):
             result.status = "pruned"
             break
     epochs.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    stopping.restore_best(state.net)
     result.seconds = time.perf_counter() - started
     if keep_net:
-        result.net = net
+        result.net = state.net
     return result

@@ -11,7 +11,8 @@ from torch import nn
 
 from biotune.methods import get_method, list_methods
 from biotune.methods.lora import lora_layers, merge_lora
-from biotune.models import Block, PretrainedModel, _block
+from biotune.models import Block, PretrainedModel
+from biotune.models.blocks import _block
 from biotune.store import RunStore
 from biotune.train import fresh_net
 
@@ -85,8 +86,8 @@ def test_linear_probe_keeps_backbone_and_batchnorm_statistics(smoke_config, smok
 
 def test_lp_ft_fine_tunes_from_the_probe(smoke_config, smoke_inputs, monkeypatch):
     model, dataset = smoke_inputs
-    trainer = importlib.import_module("biotune.train")  # the package exports a function of that name
-    runs, real_train = [], trainer.train
+    base = importlib.import_module("biotune.methods.base")  # where Method.fit looks the trainer up
+    runs, real_train = [], base.train
 
     def spy(*args, **kwargs):
         result = real_train(*args, **kwargs)
@@ -94,7 +95,7 @@ def test_lp_ft_fine_tunes_from_the_probe(smoke_config, smoke_inputs, monkeypatch
                      "train_images": result.train_images})  # before LP-FT adds the probe's
         return result
 
-    monkeypatch.setattr(trainer, "train", spy)
+    monkeypatch.setattr(base, "train", spy)
     result = get_method("lp_ft").fit(model, dataset, smoke_config.train, seed=0, keep_net=True, progress=False)
     probe, tuned = runs
     head = model.blocks[-1].name

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from biotune.genome import FineTunePlan
-from biotune.train import evaluate, plan_param_groups, train
+from biotune.hooks import plan_param_groups
+from biotune.train import evaluate, train
 
 
 def plan_for(model, multipliers):

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import METHODS, Method
+from .base import METHODS, Method
 
 log = logging.getLogger(__name__)
 

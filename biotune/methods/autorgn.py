@@ -27,8 +27,8 @@ import logging
 
 import torch
 
-from ..train import _logits_and_loss
-from . import METHODS, Method
+from ..train import logits_and_loss
+from .base import METHODS, Method
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class AutoRGN(Method):
         params = list(self._params.values())
         grad_norms = []
         for images, labels in itertools.islice(batches, MEASURE_BATCHES):
-            _, loss = _logits_and_loss(net, images, labels)
+            _, loss = logits_and_loss(net, images, labels)
             grads = torch.autograd.grad(loss, params, materialize_grads=True)  # unused tensors: 0
             grad_norms.append(torch.stack(torch._foreach_norm(grads)))
         with torch.no_grad():

@@ -1,5 +1,5 @@
 """Full fine-tuning: every block trained at base_lr, a new head Linear(features, classes)."""
-from . import METHODS, Method
+from .base import METHODS, Method
 
 
 @METHODS.register("full")

@@ -4,7 +4,7 @@ The head is the new classifier, not the whole last block: on VGG-19 the pretrain
 of the classifier block stay frozen, on DenseNet-121 so does `norm5` with its statistics.
 """
 from ..genome import FineTunePlan
-from . import METHODS, Method
+from .base import METHODS, Method
 
 
 @METHODS.register("linear_probe")

@@ -27,7 +27,7 @@ import re
 
 from torch import nn
 
-from . import METHODS, Method
+from .base import METHODS, Method
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ the best-validation probe. The result counts as two training runs.
 """
 from __future__ import annotations
 
-from . import METHODS, Method
+from .base import METHODS, Method
 from .linear_probe import LinearProbe
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import METHODS, Method
+from .base import METHODS, Method
 
 
 @METHODS.register("l2_sp")
