@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from biotune import data
 from biotune.data import (
     DatasetNotFoundError,
     Preprocess,
     list_datasets,
     load_dataset,
     make_folds,
+    sources,
 )
 from biotune.registry import UnknownNameError
 
@@ -92,7 +92,7 @@ def test_to_input_maps_uint8_through_mean_and_std():
 # Built-in sources
 
 
-@pytest.mark.skipif(not data.FASHION_MNIST_DEBIAN.is_dir(),
+@pytest.mark.skipif(not sources.FASHION_MNIST_DEBIAN.is_dir(),
                     reason="Debian package dataset-fashion-mnist not installed (`make data`)")
 def test_fashion_mnist_from_the_debian_files(tmp_path):
     full = load_dataset("fashion_mnist", root=tmp_path, cache=False)  # native 28 px: under a second
@@ -132,7 +132,7 @@ def test_fashion_mnist_prefers_idx_files_in_the_root(tmp_path):
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN", tmp_path / "nowhere")
+    monkeypatch.setattr(sources, "FASHION_MNIST_DEBIAN", tmp_path / "nowhere")
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("fashion_mnist", root=tmp_path)
     assert "make data" in str(err.value) and "download=True" in str(err.value)
