@@ -1,27 +1,22 @@
 """Where training runs execute (``run.executor``): this process, local worker processes, or Ray.
 
-The fitness evaluations of a search, the final protocol and a batch of experiment rows hand
-their training runs to ``Executor.map`` and read each result as it finishes; nothing else in the
-code knows which executor runs them. Every executor keeps the same rules:
+Searches, the final protocol and experiment rows hand their training runs to ``Executor.map``
+and read each result as it finishes; no other file knows which executor runs them. The rules
+every executor keeps:
 
-- A call is ``function(shared, *arguments)``. ``shared`` is the large read-only input (the model
-  and the dataset): the process pool sends it with each call, its tensors through shared memory
-  (no copy); Ray puts it in its object store once.
-- A call that raises is retried once; if the retry raises too, its result is a ``TaskFailure``
-  naming the error, and the other calls go on. A worker process that dies counts as a raise.
-- Running out of GPU memory is never a result (it would become a fitness): the process that ran
-  the call frees its cached memory before the retry, and a second time stops the whole ``map``
-  with ``OutOfGPUMemoryError``, naming what to lower (finished calls were already yielded).
-- Calls train on the GPUs ``gpus.places`` gives them: each worker process is pinned to one,
-  ``run.runs_per_gpu`` workers per GPU, each within its share of the memory.
+- A call is ``function(shared, *arguments)``; ``shared`` is the large read-only input (model and
+  dataset), sent through shared memory by the process pool, put in Ray's object store once.
+- A call that raises (or whose worker dies) is retried once, then its result is a
+  ``TaskFailure`` and the other calls go on.
+- Out of GPU memory is never a result (it would become a fitness): the process frees its cache
+  before the retry, and a second time stops the ``map`` with ``OutOfGPUMemoryError``.
+- Each worker process is pinned to the GPU ``gpus.places`` gives it, ``run.runs_per_gpu`` per GPU.
 - Workers return plain results; only the caller writes the run store (SQLite has one writer).
-- The results do not depend on the executor: a training run depends only on its inputs, its seed
-  and its threads (``threads_per_run``).
+- Results do not depend on the executor: a training run depends on its inputs, seed and threads.
 
-Ray is imported only when ``run.executor = ray`` asks for it. A Ray task that asks for a GPU runs
-in a worker that exits after the task (``max_calls=1``, so its CUDA memory goes back to the
-device, the remedy Ray's documentation gives); the task also empties torch's cache before it
-returns. CPU tasks reuse their workers.
+Ray is imported only for ``run.executor = ray``. A Ray task that asks for a GPU runs in a worker
+that exits after it (``max_calls=1``: its CUDA memory goes back to the device); CPU tasks reuse
+their workers.
 """
 from __future__ import annotations
 
@@ -31,7 +26,7 @@ import multiprocessing
 import os
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -219,38 +214,19 @@ class ProcessExecutor(Executor):
     def map(self, function, calls, shared=None):
         attempts = dict.fromkeys(range(len(calls)), 0)
         running: dict = {}  # future -> (call index, the pool it went to)
-
-        def submit(index: int) -> None:
-            attempts[index] += 1
-            try:
-                pool = self._pool()
-                future = pool.submit(_attempt, function, shared, *calls[index])
-            except BrokenProcessPool:  # broken by a worker that died since: a new pool takes the call
-                self._discard_pool()
-                pool = self._pool()
-                future = pool.submit(_attempt, function, shared, *calls[index])
-            running[future] = (index, pool)
-
         waiting = list(range(len(calls)))  # at most ``workers`` out at once: a worker that dies then
         try:                                # costs only the runs that were going, not the queued ones
             while waiting or running:
                 while waiting and len(running) < self.workers:
-                    submit(waiting.pop(0))
+                    index = waiting.pop(0)
+                    attempts[index] += 1
+                    future, pool = self._submit(function, shared, calls[index])
+                    running[future] = (index, pool)
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in done:
                     index, pool = running.pop(future)
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool as error:
-                        # A worker died and broke its pool: every call going in that pool fails like
-                        # this, and the pool cannot say whose run killed the worker, so each spends
-                        # an attempt (Ray, by contrast, charges a dead worker to its own task).
-                        if pool is self.pool:
-                            self._discard_pool()
-                        failure = f"worker process died ({error})"
-                    except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
-                        failure = error
-                    else:
+                    result, failure = self._outcome(future, pool)
+                    if failure is None:
                         yield index, result
                         continue
                     retry = attempts[index] < ATTEMPTS
@@ -262,6 +238,30 @@ class ProcessExecutor(Executor):
         finally:
             if running:  # the caller stopped early: stop the runs still going rather than wait for them
                 self._discard_pool(terminate=True)
+
+    def _submit(self, function, shared, arguments: tuple) -> tuple[Future, ProcessPoolExecutor]:
+        """The call's future and the pool it went to."""
+        try:
+            pool = self._pool()
+            return pool.submit(_attempt, function, shared, *arguments), pool
+        except BrokenProcessPool:  # broken by a worker that died since: a new pool takes the call
+            self._discard_pool()
+            pool = self._pool()
+            return pool.submit(_attempt, function, shared, *arguments), pool
+
+    def _outcome(self, future: Future, pool: ProcessPoolExecutor) -> tuple[object, BaseException | str | None]:
+        """``(result, None)`` for a call that returned, ``(None, failure)`` for one that raised."""
+        try:
+            return future.result(), None
+        except BrokenProcessPool as error:
+            # A worker died and broke its pool: every call going in that pool fails like this, and
+            # the pool cannot say whose run killed the worker, so each spends an attempt (Ray, by
+            # contrast, charges a dead worker to its own task).
+            if pool is self.pool:
+                self._discard_pool()
+            return None, f"worker process died ({error})"
+        except Exception as error:  # noqa: BLE001 - recorded, the other calls go on
+            return None, error
 
     def _discard_pool(self, terminate: bool = False) -> None:
         if self.pool is None:

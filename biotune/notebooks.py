@@ -81,32 +81,37 @@ def load_plan(path: str | Path, extra_parameters: dict | None = None, only: list
     _check_keys(plan, PLAN_KEYS, f"plan {path}")
     if not plan.get("runs") or not isinstance(plan["runs"], list):
         raise PlanError(f"plan {path} lists no runs; add a 'runs:' list of {{notebook: ..., parameters: ...}}")
-    runs, problems = [], []
-    for index, entry in enumerate(plan["runs"]):
-        _check_keys(entry, RUN_KEYS, f"plan {path}, run {index + 1}")
-        if not isinstance(entry.get("notebook"), str):
-            raise PlanError(f"plan {path}, run {index + 1}: needs a 'notebook:' path")
-        notebook = (path.parent / entry["notebook"]).resolve()
-        name = entry.get("name") or notebook.stem
-        shared, own = plan.get("parameters") or {}, entry.get("parameters") or {}
-        if not isinstance(shared, dict) or not isinstance(own, dict):
-            raise PlanError(f"plan {path}, run {index + 1}: 'parameters' must be a mapping of name: value")
-        runs.append(NotebookRun(name, notebook, {**shared, **own, **(extra_parameters or {})},
-                                bool(entry.get("always", False))))
+    runs = [_plan_run(path, plan, index, entry, extra_parameters) for index, entry in enumerate(plan["runs"])]
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise PlanError(f"plan {path}: run names must be unique, got {names}; give repeated notebooks a 'name:'")
-    if only:  # an entry's name, or a notebook's stem for all of its entries
-        known = set(names) | {run.notebook.stem for run in runs}
-        unknown = sorted(set(only) - known)
-        if unknown:
-            raise PlanError(f"plan {path} has no run named {', '.join(unknown)}; its runs: {', '.join(names)}")
-        runs = [run for run in runs if run.name in only or run.notebook.stem in only]
-    for run in runs:
-        problems += _check_parameters(run)
+    runs = _selected(path, runs, only) if only else runs
+    problems = [problem for run in runs for problem in _check_parameters(run)]
     if problems:
         raise PlanError(f"plan {path}:\n  " + "\n  ".join(problems))
     return plan.get("name") or path.stem, runs
+
+
+def _plan_run(path: Path, plan: dict, index: int, entry, extra_parameters: dict | None) -> NotebookRun:
+    """Entry ``index`` of the plan's runs, its parameters over the plan's, ``extra_parameters`` over both."""
+    _check_keys(entry, RUN_KEYS, f"plan {path}, run {index + 1}")
+    if not isinstance(entry.get("notebook"), str):
+        raise PlanError(f"plan {path}, run {index + 1}: needs a 'notebook:' path")
+    notebook = (path.parent / entry["notebook"]).resolve()
+    shared, own = plan.get("parameters") or {}, entry.get("parameters") or {}
+    if not isinstance(shared, dict) or not isinstance(own, dict):
+        raise PlanError(f"plan {path}, run {index + 1}: 'parameters' must be a mapping of name: value")
+    return NotebookRun(entry.get("name") or notebook.stem, notebook, {**shared, **own, **(extra_parameters or {})},
+                       bool(entry.get("always", False)))
+
+
+def _selected(path: Path, runs: list[NotebookRun], only: list[str]) -> list[NotebookRun]:
+    """The runs ``only`` names: an entry's name, or a notebook's stem for all of its entries."""
+    names = [run.name for run in runs]
+    unknown = sorted(set(only) - set(names) - {run.notebook.stem for run in runs})
+    if unknown:
+        raise PlanError(f"plan {path} has no run named {', '.join(unknown)}; its runs: {', '.join(names)}")
+    return [run for run in runs if run.name in only or run.notebook.stem in only]
 
 
 def _read_yaml(path: Path):
