@@ -1,12 +1,9 @@
 """Experiment rows: one method on one dataset and model under a preset, run once and reused.
 
-A row is a searcher (``biotune``, ``random``, ``tpe``, ``cmaes``: search, then the final
-protocol) or a baseline (``full``, ``lp_ft``, ...). ``run_method`` looks for the same row in
-the run store first: a finished run is returned as is, an unfinished one is resumed. So a
-notebook or a batch that was killed part-way continues where it stopped when rerun, and
-rerunning a finished notebook trains nothing. ``run_many`` runs a list of rows, optionally at
-once in processes or Ray tasks (one GPU serves several small runs at once), and goes on past a
-failed row.
+A row is a searcher (search, then the final protocol), a BioTune variant or a baseline.
+``run_method`` returns a finished row from the run store and resumes an unfinished one, so a
+killed notebook or batch continues where it stopped. ``run_many`` runs a list of rows, several
+at once in processes or Ray tasks where asked, and goes on past a failed row.
 """
 from __future__ import annotations
 
@@ -43,6 +40,12 @@ BIOTUNE_VARIANTS = {
     "biotune_bits": {"ga.encoding": "freeze_bits"},
 }
 ROW_KEYS = ("method", "dataset", "model", "preset", "overrides", "config_file", "label")
+ROW_EXECUTORS = tuple(name for name in cfg.CHOICES["run.executor"] if name != "serial")  # rows at once
+
+
+def row_methods() -> list[str]:
+    """What a row's ``method`` may be: a searcher, a BioTune variant or a registered method."""
+    return [*SEARCHERS, *BIOTUNE_VARIANTS, *METHODS.names()]
 
 
 def run_method(method: str, dataset: str | None = None, model: str | None = None, preset: str = "cpu", *,
@@ -93,20 +96,16 @@ def _with_searcher(overrides: list[str] | dict | None, searcher: str) -> list[st
 def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus: list[int] | None = None,
              runs_per_gpu: int | None = None, gpus_per_row: float = 0.0, store: str | Path | None = None,
              progress: bool = False, on_finished: Callable[[int, dict], None] | None = None) -> pd.DataFrame:
-    """Run experiment rows (dicts with ``method`` and optionally ``dataset``, ``model``,
-    ``preset``, ``overrides``, ``config_file``, ``label``); return one line per row with its run
-    id, or its error when it failed.
+    """Run experiment rows (dicts of ``ROW_KEYS``, ``method`` required); return one line per row
+    with its run id, or its error when it failed.
 
-    ``jobs > 1`` runs that many rows at once, each a call of the executor (executors.py):
-    ``executor="process"`` in spawned processes on this machine, ``"ray"`` as Ray tasks, each
-    asking for ``gpus_per_row`` GPUs. Rows go to ``gpus`` (torch indices; None: every visible
-    GPU), ``runs_per_gpu`` on each (None: as many as ``jobs`` needs), each process pinned to its
-    GPU and held to its share of the memory (gpus.py); the outcome's ``gpu`` says where a row ran.
-    A row that raises is retried once (it resumes where it stopped, ``run_method``) and then
-    reported failed; the other rows go on. A row out of GPU memory twice stops them all with
-    ``OutOfGPUMemoryError`` (the next rows would run out too). Each row writes the run store
-    itself, so the store must be a file every worker can reach. ``on_finished(index, outcome)``
-    is called in this process as each row ends (a study writes its table row by row).
+    ``jobs > 1`` runs that many rows at once as calls of the executor (executors.py): spawned
+    processes, or Ray tasks of ``gpus_per_row`` GPUs each. Rows go to ``gpus`` (None: every
+    visible GPU), ``runs_per_gpu`` on each (None: as many as ``jobs`` needs); the outcome's
+    ``gpu`` says where a row ran. A row that raises is retried once (resuming where it stopped),
+    then reported failed while the others go on; out of GPU memory twice stops them all. Each
+    row writes the run store itself, so every worker must reach the file. ``on_finished(index,
+    outcome)`` is called here as each row ends (a study writes its table row by row).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -115,32 +114,52 @@ def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus
         raise ValueError("experiment rows that cannot run:\n  " + "\n  ".join(problems))
     one_at_a_time = jobs == 1 and executor == "process"
     if one_at_a_time:  # rows in this process, unplaced: each row's own runs go to the GPUs asked for
-        rows = [{**row, "overrides": {**cfg.flat_overrides(row.get("overrides")), "run.gpus": gpus}} for row in rows] \
-            if gpus else rows
-        gpus = None
-    if runs_per_gpu is None:
-        runs_per_gpu = 1 if gpus_per_row or one_at_a_time else runs_per_gpu_for(jobs, gpus)
-    run = cfg.validate(cfg.Config(run=cfg.RunConfig(executor="serial" if one_at_a_time else executor,
-                                                     workers=jobs, gpus_per_run=gpus_per_row, gpus=gpus,
-                                                     runs_per_gpu=runs_per_gpu))).run
+        rows, gpus = _with_gpus(rows, gpus), None
+    run = _rows_run_config(jobs, executor, one_at_a_time, gpus, runs_per_gpu, gpus_per_row)
     if run.executor != "ray":  # rows train on this machine: a device they cannot use fails now, once
-        for config in map(_row_config, rows):
-            if training_device(config.run, config.train).type == "cuda" and config.train.device.startswith("cuda:"):
-                raise cfg.ConfigError(f"a row has train.device={config.train.device}, but run_many places rows on "
-                                      "GPUs itself: set the rows' train.device to cuda or auto, and pass gpus=[...]")
-    outcomes = [None] * len(rows)
+        _check_row_devices(rows)
     store = str(Path(store).resolve()) if store is not None else None
     with SerialExecutor() if one_at_a_time else make_executor(run, cfg.TrainConfig()) as pool:
-        shared = (store, progress and pool.in_process, str(Path.cwd()))
-        with contextlib.closing(pool.map(_run_row, [(row,) for row in rows], shared)) as finished:
-            for index, outcome in finished:
-                if isinstance(outcome, TaskFailure):
-                    outcome = {"run_id": None, "status": "failed", "error": outcome.error, "seconds": None, "gpu": None}
-                outcomes[index] = outcome
-                if on_finished is not None:
-                    on_finished(index, outcome)
+        outcomes = _run_rows(pool, rows, (store, progress and pool.in_process, str(Path.cwd())), on_finished)
     return pd.DataFrame([{"label": row.get("label"), "method": row["method"], "dataset": row.get("dataset"),
                           "model": row.get("model"), **outcome} for row, outcome in zip(rows, outcomes)])
+
+
+def _with_gpus(rows: list[dict], gpus: list[int] | None) -> list[dict]:
+    """Rows run one after another in this process, each training on ``gpus`` (where given)."""
+    if not gpus:
+        return rows
+    return [{**row, "overrides": {**cfg.flat_overrides(row.get("overrides")), "run.gpus": gpus}} for row in rows]
+
+
+def _rows_run_config(jobs: int, executor: str, one_at_a_time: bool, gpus: list[int] | None,
+                     runs_per_gpu: int | None, gpus_per_row: float) -> cfg.RunConfig:
+    """The executor settings of the rows themselves (each row's own training runs have their own)."""
+    if runs_per_gpu is None:
+        runs_per_gpu = 1 if gpus_per_row or one_at_a_time else runs_per_gpu_for(jobs, gpus)
+    return cfg.validate(cfg.Config(run=cfg.RunConfig(executor="serial" if one_at_a_time else executor,
+                                                     workers=jobs, gpus_per_run=gpus_per_row, gpus=gpus,
+                                                     runs_per_gpu=runs_per_gpu))).run
+
+
+def _check_row_devices(rows: list[dict]) -> None:
+    for config in map(_row_config, rows):
+        if training_device(config.run, config.train).type == "cuda" and config.train.device.startswith("cuda:"):
+            raise cfg.ConfigError(f"a row has train.device={config.train.device}, but run_many places rows on "
+                                  "GPUs itself: set the rows' train.device to cuda or auto, and pass gpus=[...]")
+
+
+def _run_rows(pool, rows: list[dict], shared: tuple, on_finished) -> list[dict]:
+    """Each row's outcome, in the rows' order; a row that failed every attempt gets its error."""
+    outcomes = [None] * len(rows)
+    with contextlib.closing(pool.map(_run_row, [(row,) for row in rows], shared)) as finished:
+        for index, outcome in finished:
+            if isinstance(outcome, TaskFailure):
+                outcome = {"run_id": None, "status": "failed", "error": outcome.error, "seconds": None, "gpu": None}
+            outcomes[index] = outcome
+            if on_finished is not None:
+                on_finished(index, outcome)
+    return outcomes
 
 
 def _row_problems(row: dict) -> list[str]:
@@ -149,7 +168,7 @@ def _row_problems(row: dict) -> list[str]:
     unknown = set(row) - set(ROW_KEYS)
     if unknown or "method" not in row:
         return [f"{row!r}: needs 'method'; allowed keys are {', '.join(ROW_KEYS)}"]
-    if row["method"] not in (*SEARCHERS, *BIOTUNE_VARIANTS) and row["method"] not in METHODS.names():
+    if row["method"] not in row_methods():
         return [f"{row!r}: {METHODS.unknown_message(row['method'])} (or a searcher: "
                 f"{', '.join((*SEARCHERS, *BIOTUNE_VARIANTS))})"]
     try:
@@ -184,15 +203,13 @@ def _run_row(shared: tuple, row: dict) -> dict:
 def ablation_rows(preset: str, dataset: str | None = None, model: str | None = None, *,
                   populations: list[int] = (4, 6, 10, 20), encodings: list[str] = ("no_lr_genes", "no_freezing"),
                   reference: bool = True, rescore: bool = True, prune: bool = True, generational: bool = True,
-                  searchers: list[str] = ("random", "tpe", "cmaes"),
+                  searchers: list[str] = tuple(name for name in SEARCHERS if name != "biotune"),
                   overrides: dict | None = None) -> list[dict]:
-    """The ablation study's rows for ``run_many``: BioTune as the preset has it; without LR genes
-    and without freezing; each population size at the preset's number of generations and at the
-    preset's budget of evaluations; the released code's GA variant; the final pick re-scored on
-    every fold (``ga.final_selection = rescore_top_k``); early abandoning of trailing training
-    runs (``ga.prune``); generational breeding (``ga.breeding``, all children of a generation
-    evaluated at once, at the same budget); the searchers at BioTune's budget. Rows equal to another row's config are left out (they would be the same run); each
-    row's label is ``report.variant`` of its config, the name the figures use."""
+    """The ablation study's rows for ``run_many``, labelled by ``report.variant`` as the figures
+    name them: BioTune as the preset has it, each of ``encodings``, each population at the
+    preset's generations and at its budget of evaluations, the switched-on changes (reference GA,
+    re-scored final pick, pruning, generational breeding), then ``searchers`` at BioTune's budget.
+    A row whose config equals another's is left out: it would be the same run."""
     overrides = dict(overrides or {})
     base = cfg.resolve(preset, overrides=run_overrides(dataset, model, overrides, None)).ga
     n_folds = cfg.num_folds(base.train_split)

@@ -12,11 +12,23 @@ from pathlib import Path
 import pandas as pd
 
 from . import config as cfg
+from .methods import list_methods
 from .store import RunStore
 
-SEARCHER_NAMES = {"biotune": "BioTune", "random": "random search", "tpe": "TPE", "cmaes": "CMA-ES"}
-BASELINE_NAMES = {"full": "full fine-tuning", "linear_probe": "linear probing", "lp_ft": "LP-FT",
-                  "l2_sp": "L2-SP", "l1_sp": "L1-SP", "autorgn": "AutoRGN", "lora": "LoRA", "adafilter": "AdaFilter"}
+
+def _titled(names, titles: dict[str, str]) -> dict[str, str]:
+    """Name -> what tables and figures call it, for every name given: the titled ones first, in the
+    order of ``titles`` (the order figures hand out colours), then the others under their own name."""
+    return {**{name: title for name, title in titles.items() if name in names},
+            **{name: name for name in names if name not in titles}}
+
+
+# The names come from the config's searchers and the method registry; the titles are presentation.
+SEARCHER_NAMES = _titled(cfg.CHOICES["ga.searcher"], {"biotune": "BioTune", "random": "random search",
+                                                      "tpe": "TPE", "cmaes": "CMA-ES"})
+BASELINE_NAMES = _titled(list_methods(), {
+    "full": "full fine-tuning", "linear_probe": "linear probing", "lp_ft": "LP-FT", "l2_sp": "L2-SP",
+    "l1_sp": "L1-SP", "autorgn": "AutoRGN", "lora": "LoRA", "adafilter": "AdaFilter"})
 
 # The paper's reported test accuracies (docs/results.md, "The paper's reported numbers";
 # presumably ResNet-50): BioTune and full fine-tuning on nine datasets, every baseline on

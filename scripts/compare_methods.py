@@ -15,9 +15,10 @@ import argparse
 import sys
 
 import biotune
-from biotune.batch import SEARCHERS
+from biotune.batch import ROW_EXECUTORS, SEARCHERS
+from biotune.report import BASELINE_NAMES
 
-BASELINES = ("full", "linear_probe", "lp_ft", "l2_sp", "l1_sp", "autorgn", "lora", "adafilter")
+BASELINES = tuple(BASELINE_NAMES)  # every registered method, in the order tables list them
 
 if __name__ == "__main__":  # the parallel rows run in spawned processes that import this file
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,7 +27,7 @@ if __name__ == "__main__":  # the parallel rows run in spawned processes that im
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--store", default="results/runs.sqlite")
     parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process or Ray task")
-    parser.add_argument("--executor", choices=("process", "ray"), default="process",
+    parser.add_argument("--executor", choices=ROW_EXECUTORS, default="process",
                         help="how rows run at once: processes on this machine, or Ray tasks (RAY_ADDRESS or a local Ray)")
     parser.add_argument("--gpus-per-row", type=float, default=0.0, help="with --executor ray: GPUs each row asks for")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -107,3 +107,15 @@ def test_ablation_rows_cover_each_variant_once_at_the_stated_budgets():
         assert abs(spent(same_budget[0]) - budget) == closest, generations
     demo = {row["label"]: row for row in ablation_rows("demo", populations=[20])}
     assert demo["BioTune (N=20, T=0)"]["overrides"]["ga.generations"] == 0  # 20 initial members vs 21
+
+
+def test_the_comparison_script_runs_every_searcher_and_registered_method():
+    import runpy
+    from pathlib import Path
+
+    from biotune.batch import SEARCHERS, row_methods
+    from biotune.methods import list_methods
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "compare_methods.py"))
+    assert sorted(script["BASELINES"]) == list_methods()
+    assert set(row_methods()) == {*SEARCHERS, *biotune.batch.BIOTUNE_VARIANTS, *list_methods()}

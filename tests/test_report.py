@@ -68,3 +68,14 @@ def test_accuracy_vs_share_colours_a_variant_alike_on_every_panel_with_one_legen
     legend = fig.axes[1].get_legend()
     assert [text.get_text() for text in legend.get_texts()] == ["LoRA", "BioTune", "TPE"]
     assert legend.get_bbox_to_anchor().x0 > fig.axes[1].get_window_extent().x1  # right of the panel
+
+
+def test_every_searcher_and_registered_method_has_a_title_in_the_figures_order():
+    from biotune.methods import list_methods
+    from biotune.report import _titled
+
+    assert set(SEARCHER_NAMES) == set(cfg.CHOICES["ga.searcher"]) and set(BASELINE_NAMES) == set(list_methods())
+    untitled = [name for name, title in {**SEARCHER_NAMES, **BASELINE_NAMES}.items() if title == name]
+    assert not untitled, f"give these a title in biotune/report.py: {untitled}"
+    assert list(BASELINE_NAMES)[:3] == ["full", "linear_probe", "lp_ft"]  # the colours figures hand out
+    assert _titled(["b", "new", "a"], {"a": "A", "b": "B", "gone": "G"}) == {"a": "A", "b": "B", "new": "new"}
