@@ -43,10 +43,10 @@ demo: setup  ## small search + final protocol vs full FT and linear probing (a f
 	$(BIN)/biotune demo
 
 bench: setup  ## plain PyTorch loop vs levers off vs exact levers vs pruning, side by side (PRESET=cpu)
-	$(BIN)/biotune bench --preset $(PRESET) --json results/bench_$(PRESET).json $(if $(DEVICE),--train.device $(DEVICE))
+	$(BIN)/biotune bench evaluations --preset $(PRESET) --json results/bench_$(PRESET).json $(if $(DEVICE),--train.device $(DEVICE))
 
 bench-parallel: setup  ## one demo search with each executor (serial, process, ray; 1 and 2 workers), side by side
-	$(BIN)/biotune bench --parallel --preset demo --json results/bench_parallel_demo.json $(if $(DEVICE),--train.device $(DEVICE))
+	$(BIN)/biotune bench parallel --preset demo --json results/bench_parallel_demo.json $(if $(DEVICE),--train.device $(DEVICE))
 
 NOTEBOOKS = $(BIN)/biotune notebooks run notebooks/$(PRESET).yaml $(if $(DEVICE),-p device=$(DEVICE)) $(if $(FORCE),--force)
 
