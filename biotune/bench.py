@@ -1,18 +1,14 @@
-"""Speed benchmark behind ``biotune bench`` / ``make bench``: the levers of a fitness evaluation,
-measured side by side in one process on the same genomes, fold and seeds.
+"""Speed benchmarks behind ``biotune bench`` / ``make bench``: ratios measured side by side in one
+process, so a machine that slows down slows every path alike.
 
-Paths, each run for every genome (a full-fine-tuning genome and seeded random genomes, all on
-fold 0), interleaved genome by genome so a machine that slows down slows every path alike:
-- ``plain loop``: the anchor, a fine-tuning loop as a user writes it: PIL images through
-  per-sample torchvision transforms and a DataLoader, NCHW float32, the whole network run every
-  epoch; the same recipe (plan, Adam, cosine schedule, early stopping, frozen BatchNorm);
-- ``levers off``: the search's own Evaluator with ``train.channels_last`` and
-  ``train.prefix_cache`` off;
-- ``exact levers``: the Evaluator as a search runs it (the levers on; the prefix cache filled by
-  the genomes before, as in a search);
-- ``pruning``: the exact levers plus ``ga.prune`` with a warm-up of one run, so every genome
-  after the first may be pruned against the ones before it (a search warms up on
-  ``ga.prune_warmup`` runs).
+``run_bench`` (``bench evaluations``) runs four paths on the same genomes (full fine-tuning and
+seeded random ones), fold 0 and seeds, interleaved genome by genome:
+- ``plain loop``: the anchor, fine-tuning as a user writes it (PIL images through per-sample
+  transforms and a DataLoader, NCHW float32, the whole network every epoch), same recipe;
+- ``levers off``: the search's Evaluator, ``train.channels_last`` and ``train.prefix_cache`` off;
+- ``exact levers``: the Evaluator as a search runs it (prefix cache filled by the genomes before);
+- ``pruning``: the exact levers plus ``ga.prune`` after a warm-up of one run.
+``parallel_bench``, ``schedule_speedups`` and ``method_costs`` are the other modes.
 """
 from __future__ import annotations
 
@@ -94,12 +90,11 @@ PARALLEL = (("serial", 1, None), ("serial", 1, "per worker"), ("process", 1, Non
 
 def parallel_bench(preset: str = "demo", overrides: list[str] | None = None,
                    json_file: str | Path | None = None, runs=PARALLEL) -> tuple[pd.DataFrame, dict]:
-    """One search timed with each executor and worker count, one after another in this process:
-    seconds, evaluations per minute and speed-up over the serial run, and whether the search's
-    evaluations equal those of the serial run with the same torch threads per training run (a
-    run's floats depend on its threads: ``train.num_threads``, else cores / workers). ``runs``:
-    (executor, workers, threads) with threads None (the default) or "per worker" (a serial run
-    on the threads each of two workers gets). Ray's start-up is timed on its own."""
+    """One search timed with each of ``runs`` (executor, workers, threads), one after another:
+    seconds, evaluations per minute, speed-up over serial, and whether its evaluations equal the
+    serial run's on as many torch threads per training run (a run's floats depend on its threads).
+    threads None: the default; "per worker": a serial run on the threads each of two workers gets.
+    Ray's start-up is timed on its own."""
     from .executors import make_executor, threads_per_run
     from .experiment import search
 
