@@ -34,13 +34,12 @@ from .experiment import load_data, load_inputs
 from .fitness import Evaluator
 from .ga import random_genome
 from .genome import decode, encode, num_genes
+from .hooks import cosine_factor, plan_param_groups
 from .methods import get_method
 from .store import RunStore
 from .train import (
     autocast,
-    cosine_factor,
     fresh_net,
-    plan_param_groups,
     resolve_amp,
     resolve_device,
     set_learning_rates,

@@ -11,112 +11,38 @@ import dataclasses
 import functools
 import json
 import logging
-import platform
-import re
-import secrets
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import config as cfg
+from .bookkeeping import (
+    make_folder,
+    new_run_id,
+    refuse_changes_on_resume,
+    resumed_config,
+    run_dir,
+    split_run_settings,
+    start_run,
+    with_run_settings,
+)
 from .data import check_batch_fits, load_dataset, make_folds
 from .executors import TaskFailure, TrainingFailedError, make_executor
 from .fitness import Evaluator
 from .ga import BioTuneGA, GAResult, rescore_top_k
 from .genome import decode, make_recipe, num_genes, recipe_table, save_recipe
-from .gpus import places, training_device
+from .gpus import training_device
 from .methods import METHODS, PlanMethod
 from .models import create_model, model_preprocess
 from .plots import convergence
 from .report import readable, summary
 from .searchers import Searcher
-from .store import RESULTS_VERSION, RunStore
+from .store import RunStore
 from .train import evaluate, resolve_amp
 
 log = logging.getLogger(__name__)
-
-PACKAGES = ("torch", "torchvision", "timm", "deap", "numpy", "scikit-learn", "pandas", "optuna", "peft",
-            "biotune")
-
-
-# ---------------------------------------------------------------------------------------------
-# Run bookkeeping
-
-
-def new_run_id(method: str, dataset: str) -> str:
-    """Time, method, dataset and a random tag; a dataset given as a path contributes its stem, so
-    the run folder stays one level under results/."""
-    name = Path(dataset).stem if any(sep in dataset for sep in "/\\.") else dataset
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "data"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-{name}-{secrets.token_hex(2)}"
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def run_metadata(config: cfg.Config) -> dict:
-    """Git commit and dirty flag, package versions, device: stored with every run. With Ray the
-    runs train on the workers' devices, which each per-seed record names (its ``worker``)."""
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    if config.run.executor == "ray":
-        device, device_label = config.train.device, "the Ray workers' (see each run's worker)"
-    else:
-        device = training_device(config.run, config.train)
-        if device.type == "cuda":  # the GPUs the runs are placed on, not the driver's current one
-            import torch
-
-            gpus = list(dict.fromkeys(slot.gpu for slot in places(config.run, config.train)))
-            device_label = f"{torch.cuda.get_device_name(device)}; GPU {', '.join(gpus)} (CUDA_VISIBLE_DEVICES ids)"
-        else:
-            device_label = platform.processor() or platform.machine()
-    status = _git("status", "--porcelain")
-    return {
-        "results_version": RESULTS_VERSION,  # a run of another version is not reused (store.py)
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
-        "versions": versions,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": device_label,
-        "command": sys.argv,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def run_dir(config: cfg.Config, run_id: str) -> Path:
-    return make_folder(Path(config.results_dir) / run_id, "the run's folder", "--results-dir DIR")
-
-
-def make_folder(path: Path, what: str, flag: str) -> Path:
-    """``path``, created if need be; a folder that cannot be made is one line naming it and the fix."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise cfg.ConfigError(f"cannot create {path}, {what} ({error.strerror}); pass {flag} with a folder "
-                              "you can write to") from None
-    return path
-
-
-def _write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str))
-
 
 def load_data(config: cfg.Config):
     """The dataset, stored for the model's input (data.store_at), without building the model."""
@@ -153,17 +79,6 @@ def run_overrides(dataset, model, overrides, store) -> dict:
     return extra
 
 
-def _start_run(config: cfg.Config, store: RunStore, *, kind: str, method: str, run_id: str | None = None,
-               **meta_extra) -> tuple[str, Path]:
-    run_id = run_id or new_run_id(method, config.data.dataset)
-    meta = run_metadata(config) | meta_extra
-    store.create_run(run_id, kind=kind, method=method, config=config.to_dict(), meta=meta)
-    folder = run_dir(config, run_id)
-    _write_json(folder / "config.json", config.to_dict())
-    _write_json(folder / "meta.json", meta)
-    return run_id, folder
-
-
 # ---------------------------------------------------------------------------------------------
 # Search
 
@@ -188,115 +103,107 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
            resume: str | None = None, store: str | Path | None = None, progress: bool = True) -> SearchResult:
     """Run (or resume) a search and write its outputs; returns the best recipe.
 
-    ``ga.searcher`` picks BioTune's GA (default) or a baseline at its budget (random, tpe, cmaes);
-    the run's method in the store is that name. ``preset`` defaults to ``cpu``; a resumed run
-    keeps its stored config, so ``resume`` takes no dataset, model, preset, file or overrides
-    other than the executor's (``run.*``: the results do not depend on it).
+    ``ga.searcher`` picks BioTune's GA (default) or a baseline at its budget (random, tpe, cmaes).
+    ``preset`` defaults to ``cpu``; a resumed run keeps its stored config, so ``resume`` takes
+    only the executor's overrides (``run.*``: the results do not depend on them).
     ``biotune.search("digits", "tf_efficientnet_lite0", preset="cpu", overrides={"ga.population": 8})``
     """
     if resume is not None:
-        run_settings, other = split_run_settings(overrides)
-        config, store_obj = _resumed_config(resume, store)
-        _refuse_changes_on_resume(f"--resume {resume}", config, dataset=dataset, model=model, preset=preset,
-                                  config_file=config_file, overrides=other)
-        config = with_run_settings(config, run_settings)
-        run_id = resume
-        retrained = store_obj.drop_trailing_failures(run_id)
-        if retrained:
-            log.info("run %s: the %d failed evaluations it stopped on are trained again", run_id, retrained)
-    else:
-        config = cfg.resolve(preset or "cpu", config_file, run_overrides(dataset, model, overrides, store))
-        make_folder(Path(config.results_dir), "the results folder", "--results-dir DIR")
-        store_obj = RunStore(config.store_path)
-        run_id = new_run_id(config.ga.searcher, config.data.dataset)
-    # Everything that can fail on bad input happens before the run exists or changes status.
-    model_obj, dataset_obj = load_inputs(config)
-    folds = make_folds(dataset_obj.train.labels, dataset_obj.val.labels, config.ga.train_split,
+        return execute_search(prepare_resumed_search(resume, store, overrides, progress=progress, dataset=dataset,
+                                                     model=model, preset=preset, config_file=config_file))
+    config = cfg.resolve(preset or "cpu", config_file, run_overrides(dataset, model, overrides, store))
+    make_folder(Path(config.results_dir), "the results folder", "--results-dir DIR")
+    return execute_search(prepare_search(config, RunStore(config.store_path), progress=progress))
+
+
+@dataclass
+class PreparedSearch:
+    """A search ready to execute: everything that can fail on bad input has run, and the store
+    holds nothing new yet. ``resumed_from`` is the stored run's status when it is taken up again."""
+
+    config: cfg.Config
+    store: RunStore
+    run_id: str
+    folder: Path
+    model: object
+    evaluator: Evaluator
+    loop: object  # BioTuneGA or Searcher: ``run() -> GAResult``
+    n_folds: int
+    resumed_from: str | None = None
+
+
+def prepare_search(config: cfg.Config, store: RunStore, run_id: str | None = None, *,
+                   progress: bool = True) -> PreparedSearch:
+    """Inputs, folds, executor, evaluator and search loop of a run; with ``run_id``, the stored
+    run taken up again: its loop restored from its checkpoint, and its evaluator told where to
+    resume (the one explicit resume step)."""
+    model, dataset = load_inputs(config)
+    folds = make_folds(dataset.train.labels, dataset.val.labels, config.ga.train_split,
                        seed=config.data.split_seed, whole_val=config.ga.fitness_val == "whole")
     executor = make_executor(config.run, config.train)
-    evaluator = Evaluator(model=model_obj, dataset=dataset_obj, folds=folds, config=config, store=store_obj,
-                          run_id=run_id, progress=progress, executor=executor)
-    folder = run_dir(config, run_id) if resume is not None else Path(config.results_dir) / run_id
-    loop = _search_loop(config, evaluator, len(model_obj.blocks), len(folds), folder,
-                        resumed=resume is not None, progress=progress)
-    evaluator.replay_pruning()  # evaluations before a restored checkpoint are not asked for again
-    previous_status = store_obj.run(run_id)["status"] if resume is not None else None
-    log.info("run %s: results in %s, store %s", run_id, folder, config.store_path)
     try:
-        if resume is None:
-            _start_run(config, store_obj, kind="search", method=config.ga.searcher, run_id=run_id)
-        store_obj.set_status(run_id, "running")
-        outcome = loop.run()
+        evaluator = Evaluator(model=model, dataset=dataset, folds=folds, config=config, store=store,
+                              run_id=run_id or new_run_id(config.ga.searcher, config.data.dataset),
+                              progress=progress, executor=executor)
+        folder = run_dir(config, run_id) if run_id is not None else Path(config.results_dir) / evaluator.run_id
+        loop = _search_loop(config, evaluator, len(model.blocks), len(folds), folder, progress=progress)
+        evaluator.start_at(loop.restore() if run_id is not None else 0)
+    except BaseException:
+        executor.close()
+        raise
+    resumed_from = store.run(run_id)["status"] if run_id is not None else None
+    return PreparedSearch(config, store, evaluator.run_id, folder, model, evaluator, loop, len(folds), resumed_from)
+
+
+def prepare_resumed_search(run_id: str, store: str | Path | None, overrides=None, *, progress: bool = True,
+                           **given) -> PreparedSearch:
+    """A stored search taken up again with its stored config: only ``run.*`` overrides, anything
+    else ``given`` (dataset, model, preset, config_file) is refused. The failed evaluations it
+    stopped on are dropped, to be trained again."""
+    config, store_obj = resumed_config(run_id, store)
+    run_settings, other = split_run_settings(overrides)
+    refuse_changes_on_resume(f"--resume {run_id}", config, other, **given)
+    config = with_run_settings(config, run_settings)
+    retrained = store_obj.drop_trailing_failures(run_id)
+    if retrained:
+        log.info("run %s: the %d failed evaluations it stopped on are trained again", run_id, retrained)
+    return prepare_search(config, store_obj, run_id, progress=progress)
+
+
+def execute_search(prepared: PreparedSearch) -> SearchResult:
+    """Run the loop to its end (the final selection included) and write the outputs. A stopped
+    search keeps its finished evaluations and is marked interrupted or failed (a finished run
+    that is taken up again stays finished)."""
+    config, store, run_id = prepared.config, prepared.store, prepared.run_id
+    log.info("run %s: results in %s, store %s", run_id, prepared.folder, config.store_path)
+    try:
+        if prepared.resumed_from is None:
+            start_run(config, store, kind="search", method=config.ga.searcher, run_id=run_id)
+        store.set_status(run_id, "running")
+        outcome = prepared.loop.run()
         if config.ga.final_selection == "rescore_top_k":
-            outcome = _rescore_top_k(config, evaluator, store_obj, run_id, len(folds), outcome)
-        return _finish_search(config, store_obj, run_id, folder, model_obj, outcome)
+            outcome = _rescore_top_k(config, prepared.evaluator, store, run_id, prepared.n_folds, outcome)
+        return _finish_search(config, store, run_id, prepared.folder, prepared.model, outcome)
     except KeyboardInterrupt:
-        store_obj.set_status(run_id, "finished" if previous_status == "finished" else "interrupted")
-        log.warning("run %s interrupted; finished evaluations are kept: biotune search --resume %s",
-                    run_id, run_id)
+        store.set_status(run_id, "finished" if prepared.resumed_from == "finished" else "interrupted")
+        log.warning("run %s interrupted; finished evaluations are kept: biotune search --resume %s", run_id, run_id)
         raise
     except Exception:
-        store_obj.set_status(run_id, "finished" if previous_status == "finished" else "failed")
+        store.set_status(run_id, "finished" if prepared.resumed_from == "finished" else "failed")
         raise
     finally:
-        executor.close()
-
-
-def split_run_settings(overrides: list[str] | dict | None) -> tuple[dict, dict]:
-    """The executor's settings (``run.*``) apart from the other overrides: a stored run's config
-    may change them (they do not change results), nothing else."""
-    nested = cfg.parse_overrides(overrides or [])
-    run_settings = nested.pop("run", {})
-    if not isinstance(run_settings, dict):
-        raise cfg.ConfigError(f"run must be a mapping of keys, got {run_settings!r}")
-    return run_settings, nested
-
-
-def with_run_settings(config: cfg.Config, run_settings: dict) -> cfg.Config:
-    """``config`` with other executor settings; another executor drops the stored settings it
-    cannot use (serial: the workers; serial and process: the GPU share)."""
-    if run_settings.get("executor") == "serial":
-        run_settings = {"workers": 1, **run_settings}
-    if run_settings.get("executor") in ("serial", "process"):
-        run_settings = {"gpus_per_run": 0.0, **run_settings}
-    return cfg.validate(cfg.merge(config, {"run": run_settings}, "override")) if run_settings else config
-
-
-FLAGS = {"dataset": "--dataset", "model": "--model", "preset": "--preset", "config_file": "--config",
-         "results_dir": "--results-dir", "store": "--store"}
-
-
-def _refuse_changes_on_resume(command: str, stored: cfg.Config, overrides: dict, **given) -> None:
-    """A stored run (``--resume RUN``, ``final RUN``) goes on with its stored config exactly;
-    anything else given would be ignored, so it is refused, named as it was typed. Its own
-    results folder given again is no change; another one is refused with the stored one named."""
-    overrides = dict(overrides)
-    folder = overrides.pop("results_dir", None)
-    if folder is not None and Path(folder).resolve() != Path(stored.results_dir).resolve():
-        raise cfg.ConfigError(
-            f"{command}: --results-dir {folder} is not the folder this run writes to ({stored.results_dir}, "
-            f"where its checkpoint and outputs are); repeat --results-dir {stored.results_dir}, or leave the flag out")
-    typed = [f"{FLAGS[name]} {value}" for name, value in given.items() if value not in (None, [], {})]
-    typed += [f"{FLAGS.get(key, '--' + key)} {value}" for key, value in cfg.flat_overrides(overrides).items()]
-    if typed:
-        raise cfg.ConfigError(
-            f"{command} goes on with the run's stored config; it takes no {', '.join(typed)} (only the executor's "
-            "--executor, --workers, --gpus, --runs-per-gpu and --run.* settings may change). To change the config, "
-            "start a new run.")
+        prepared.evaluator.executor.close()
 
 
 def _search_loop(config: cfg.Config, evaluator: Evaluator, num_blocks: int, n_folds: int, folder: Path, *,
-                 resumed: bool, progress: bool):
-    """BioTune's GA, resumed from its checkpoint, or a baseline searcher, resumed by replaying its
-    stored evaluations (searchers.py); either has ``run() -> GAResult``."""
+                 progress: bool):
+    """BioTune's GA, which resumes from its checkpoint, or a baseline searcher, which resumes by
+    replaying its stored evaluations (searchers.py); either has ``restore()`` and ``run()``."""
     sizes = {"num_blocks": num_blocks, "num_genes": num_genes(num_blocks, config.ga.encoding),
              "config": config.ga, "n_folds": n_folds, "progress": progress}
     if config.ga.searcher != "biotune":
         return Searcher(config.ga.searcher, evaluator, **sizes)
-    ga = BioTuneGA(evaluator, checkpoint_path=folder / "checkpoint.json", **sizes)
-    if resumed:
-        ga.restore()
-    return ga
+    return BioTuneGA(evaluator, checkpoint_path=folder / "checkpoint.json", **sizes)
 
 
 def _rescore_top_k(config: cfg.Config, evaluator: Evaluator, store: RunStore, run_id: str, n_folds: int,
@@ -322,16 +229,6 @@ def _rescore_top_k(config: cfg.Config, evaluator: Evaluator, store: RunStore, ru
              run_id, len(table), n_folds, best["mean_fitness"], best["search_fitness"])
     return dataclasses.replace(outcome, best_genes=best["genes"], best_fitness=best["mean_fitness"],
                                evaluations=outcome.evaluations + len(table) * n_folds, selection=table)
-
-
-def _resumed_config(run_id: str, store: str | Path | None) -> tuple[cfg.Config, RunStore]:
-    store_obj = RunStore(store)
-    run = store_obj.run(run_id)
-    if run["kind"] != "search":
-        raise ValueError(f"run {run_id} is a {run['kind']} run; only searches can be resumed")
-    if run["status"] == "finished":
-        log.info("run %s already finished; its outputs are rewritten from the store", run_id)
-    return cfg.from_dict(run["config"]), store_obj
 
 
 def _finish_search(config, store: RunStore, run_id: str, folder: Path, model, outcome: GAResult) -> SearchResult:
@@ -439,7 +336,7 @@ def final(run_id: str, *, store: str | Path | None = None, progress: bool = True
     run_settings, other = split_run_settings(overrides)
     store_obj = RunStore(store)
     run = store_obj.run(run_id)
-    _refuse_changes_on_resume(f"final {run_id}", cfg.from_dict(run["config"]), other)
+    refuse_changes_on_resume(f"final {run_id}", cfg.from_dict(run["config"]), other)
     if run["kind"] != "search":
         raise ValueError(f"run {run_id} is a {run['kind']} run; `biotune final` takes a search run")
     if run["status"] != "finished":
@@ -480,7 +377,7 @@ def run_baseline(method: str, dataset: str | None = None, model: str | None = No
             log.info("run %s: continuing its unfinished final protocol", run_id)
             store_obj.set_status(run_id, "running")
         else:
-            _start_run(config, store_obj, kind="baseline", method=method, run_id=run_id, grid=grid)
+            start_run(config, store_obj, kind="baseline", method=method, run_id=run_id, grid=grid)
         finals = final_protocol(config, inputs, store_obj, run_id, method, method_class, grid, progress=progress)
     except KeyboardInterrupt:
         store_obj.set_status(run_id, "interrupted")

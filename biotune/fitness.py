@@ -7,9 +7,9 @@ training. The training runs themselves go through the run's executor (``executor
 may run a batch of them at once in other processes; this module, in the driver, is the only
 writer of the store.
 
-Two levers live here, beside the trainer: the frozen-prefix activation cache (exact,
+Two levers reach the runs from here: the frozen-prefix activation cache (exact,
 ``prefix_cache.py``) and, with ``ga.prune``, early abandoning of runs that trail the fold's
-earlier runs (approximate, ``Pruner``).
+earlier runs (approximate, ``pruning.py``).
 """
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-import optuna
 import torch
 
-from .config import Config, GAConfig, TrainConfig
+from .config import Config, TrainConfig
 from .data import Fold
 from .executors import (
     Executor,
@@ -38,6 +37,7 @@ from .executors import (
 )
 from .genome import decode
 from .prefix_cache import HIT, MISS, NOT_APPLICABLE, PrefixCache
+from .pruning import Pruner, PruneSnapshot
 from .store import RunStore
 from .train import resolve_device, train
 
@@ -53,76 +53,6 @@ class ReplayMismatchError(ValueError):
     """A resumed run asked for a different genome than the one stored under the same number."""
 
 
-@dataclass(frozen=True)
-class PruneSnapshot:
-    """The runs of a fold that finished before a batch of evaluations started: what every run of
-    the batch is compared with, in whichever process it trains (plain data, sent to workers)."""
-
-    trials: tuple  # optuna FrozenTrials, in the order the runs were made
-    percentile: float
-    warmup: int
-
-    def stop_early(self):
-        """A ``stop_early(epoch, best)`` for the trainer, backed by a study holding the snapshot."""
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        pruner = optuna.pruners.PercentilePruner(100 - self.percentile, n_startup_trials=self.warmup)
-        study = optuna.create_study(direction="maximize", pruner=pruner)
-        study.add_trials(self.trials)
-        trial = study.ask()
-
-        def stop(epoch: int, best: float) -> bool:
-            trial.report(best, epoch)
-            return trial.should_prune()
-
-        return stop
-
-
-class Pruner:
-    """``ga.prune``: optuna's PercentilePruner over the training runs of each fold.
-
-    Each training run (a genome and a seed) is a trial whose intermediate value at epoch e is its
-    best validation macro accuracy up to e. After ``prune_warmup`` finished runs on the fold, a
-    run below the ``prune_percentile``-th percentile of them at the same epoch stops (optuna's
-    percentile is 100 minus ours: it names the top share kept). A run is compared with the runs
-    that finished before its batch of evaluations started (``snapshot``), never with runs of its
-    own batch, so the decisions are the same whether the batch's runs go one after another or at
-    once. Runs are added in the order they were made, from a live search or from the store on
-    resume alike, so a resumed search prunes what the uninterrupted one pruned.
-    """
-
-    def __init__(self, config: GAConfig):
-        self.config = config
-        self.trials: dict[int, list] = {}
-
-    def snapshot(self, fold: int) -> PruneSnapshot:
-        return PruneSnapshot(tuple(self.trials.get(fold, ())), self.config.prune_percentile,
-                             self.config.prune_warmup)
-
-    def add(self, fold: int, per_seed: list[dict]) -> None:
-        for record in per_seed:
-            progress = _best_so_far(record.get("history", []))
-            state, value = _trial_outcome(record["status"], progress)
-            if state != optuna.trial.TrialState.FAIL:
-                self.trials.setdefault(fold, []).append(
-                    optuna.trial.create_trial(state=state, value=value, intermediate_values=progress))
-
-
-def _best_so_far(history: list[float]) -> dict[int, float]:
-    best, progress = -math.inf, {}
-    for epoch, value in enumerate(history):
-        best = max(best, value)
-        progress[epoch] = best
-    return progress
-
-
-def _trial_outcome(status: str, progress: dict[int, float]) -> tuple:
-    if status == "pruned":
-        return optuna.trial.TrialState.PRUNED, None
-    if status != "ok" or not progress:
-        return optuna.trial.TrialState.FAIL, None
-    return optuna.trial.TrialState.COMPLETE, max(progress.values())
-
-
 @dataclass
 class FitnessInputs:
     """What every fitness run reads: shared once per search with the executor's workers."""
@@ -131,28 +61,17 @@ class FitnessInputs:
     dataset: object
     folds: list[Fold]
     train: TrainConfig
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # names these inputs in a worker
-    local: bool = True  # False in a copy sent to another process
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # a worker keeps these inputs by it (executors.py)
     _prefixes: PrefixCache | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "local": False, "_prefixes": None}
+        return {**self.__dict__, "_prefixes": None}  # activations never travel: each process builds its own
 
     def prefixes(self) -> PrefixCache:
-        """This process's prefix cache for these inputs. Where the inputs were made, it lives and
-        goes with them; a worker is sent a new copy with every run, so it keeps the cache of the
-        latest inputs it was sent (one search at a time), by token."""
-        if self.local:
-            if self._prefixes is None:
-                self._prefixes = PrefixCache(self.model, self.dataset, self.folds, self.train)
-            return self._prefixes
-        if self.token not in _worker_prefixes:
-            _worker_prefixes.clear()
-            _worker_prefixes[self.token] = PrefixCache(self.model, self.dataset, self.folds, self.train)
-        return _worker_prefixes[self.token]
-
-
-_worker_prefixes: dict[str, PrefixCache] = {}
+        """The prefix cache of these inputs in this process, built on first use."""
+        if self._prefixes is None:
+            self._prefixes = PrefixCache(self.model, self.dataset, self.folds, self.train)
+        return self._prefixes
 
 
 def fitness_run(inputs: FitnessInputs, plan, fold: int, seed: int, pruning: PruneSnapshot | None,
@@ -171,18 +90,24 @@ def fitness_run(inputs: FitnessInputs, plan, fold: int, seed: int, pruning: Prun
             "prefix_cache": prefix_status, "task_seconds": time.perf_counter() - started}
 
 
+# What becomes of a requested evaluation, decided before anything trains.
+STORED, EMPTY, CACHED, REPEAT, TRAIN = "stored", "empty", "cached", "repeat", "train"
+
+
 @dataclass
-class _Training:
-    """An evaluation of a batch whose runs are out with the executor."""
+class Requested:
+    """One evaluation of a batch: where it stands, and its runs once they are out with the executor."""
 
     position: int  # in the batch
     seq: int
     request: dict
     genes: list[float]
-    plan: object
-    key: str  # evaluation-cache key
+    kind: str = TRAIN
+    plan: object = None
+    key: str = ""  # evaluation-cache key
+    known: dict | None = None  # the stored evaluation (STORED) or cached outcome (CACHED)
     runs: dict = field(default_factory=dict)  # seed position -> per-seed record
-    followers: list[_Training] = field(default_factory=list)  # the same plan later in the batch
+    followers: list[Requested] = field(default_factory=list)  # the same plan later in the batch
 
 
 class Evaluator:
@@ -211,14 +136,15 @@ class Evaluator:
         self.train_key = json.dumps([asdict(config.train), asdict(config.data), asdict(config.model)],
                                     sort_keys=True, default=str)
 
-    def replay_pruning(self) -> None:
-        """Feed the pruner the stored runs before ``seq``: a search restored from a checkpoint does
-        not ask for them again, yet an uninterrupted search's pruner saw them."""
-        if self.pruner is None or self.seq == 0:
-            return
-        for stored in self.store.evaluations(self.run_id).itertuples():
-            if stored.seq < self.seq and stored.train_runs:
-                self.pruner.add(stored.fold, stored.per_seed)
+    def start_at(self, seq: int) -> None:
+        """Resume after the first ``seq`` evaluations: a search restored from its checkpoint does
+        not ask for them again, so the pruner is told their stored runs here, as the
+        uninterrupted search's pruner saw them."""
+        self.seq = seq
+        if self.pruner is not None and seq > 0:
+            self.pruner.add_in_order([(stored.seq, stored.fold, stored.per_seed)
+                                      for stored in self.store.evaluations(self.run_id).itertuples()
+                                      if stored.seq < seq and stored.train_runs])
 
     @property
     def worst(self) -> float:
@@ -229,86 +155,109 @@ class Evaluator:
                                     "individual": individual, "role": role}])[0]
 
     def evaluate_many(self, requests: list[dict]) -> list[float]:
-        """Fitness of each request (genes, fold, generation, individual, role), in order."""
+        """Fitness of each request (genes, fold, generation, individual, role), in order: each is
+        classified first (stored, empty plan, cached, a repeat in this batch, to train), then the
+        ones to train go to the executor at once."""
         first, self.seq = self.seq, self.seq + len(requests)
-        fitness: list[float | None] = [None] * len(requests)
-        stored_runs = []  # (seq, fold, per_seed) of stored evaluations: told to the pruner after the batch
-        training: dict[int, _Training] = {}  # position in the batch -> evaluation being trained
-        leaders: dict[str, _Training] = {}
-        for position, request in enumerate(requests):
-            seq, genes = first + position, [float(g) for g in request["genes"]]
-            stored = self.store.evaluation(self.run_id, seq)
-            if stored is not None:
-                if stored["genes"] != genes or stored["fold"] != request["fold"]:
-                    raise ReplayMismatchError(
-                        f"run {self.run_id}: evaluation {seq} was stored for another genome or fold; the run's "
-                        "config or code changed since it started, so it cannot be resumed exactly")
-                if stored["train_runs"]:
-                    stored_runs.append((seq, stored["fold"], stored["per_seed"]))
-                fitness[position] = stored["fitness"]
-                continue
-            plan = decode(genes, self.block_names, self.config.ga.encoding)
-            if plan.is_empty:
-                outcome = {"status": "no_trained_block", "fitness": self.worst, "per_seed": [], "train_runs": 0}
-                fitness[position] = self._store(seq, request, genes, plan, outcome)
-                continue
-            key = json.dumps([request["fold"], self.config.train.seeds, self.train_key, plan.key()])
-            cached = self.store.cached(self.run_id, key) if self.use_cache else None
-            if cached is not None:
-                fitness[position] = self._store(seq, request, genes, plan, cached, cache_hit=True)
-            elif self.use_cache and key in leaders:  # trained by an earlier request of this batch
-                leaders[key].followers.append(_Training(position, seq, request, genes, plan, key))
-            else:
-                training[position] = leaders[key] = _Training(position, seq, request, genes, plan, key)
-
-        snapshots = {fold: self.pruner.snapshot(fold) for fold in {t.request["fold"] for t in training.values()}} \
-            if self.pruner is not None else {}
+        batch = self._classify(first, requests)
+        fitness = [self._answer_untrained(item) for item in batch]
+        training = {item.position: item for item in batch if item.kind == TRAIN}
+        snapshots = self.pruner.snapshots({item.request["fold"] for item in training.values()}) if self.pruner else {}
         outcomes = {}  # seq -> outcome of the evaluations trained in this batch
         while training:
             training = self._train_batch(training, snapshots, fitness, outcomes)
         if self.pruner is not None:
-            new_runs = [(seq, o["fold"], o["per_seed"]) for seq, o in outcomes.items() if o["train_runs"]]
-            for _, fold, per_seed in sorted(stored_runs + new_runs, key=lambda item: item[0]):
-                self.pruner.add(fold, per_seed)
+            self.pruner.add_in_order([(item.seq, item.known["fold"], item.known["per_seed"]) for item in batch
+                                      if item.kind == STORED and item.known["train_runs"]]
+                                     + [(seq, o["fold"], o["per_seed"]) for seq, o in outcomes.items() if o["train_runs"]])
         for seq in sorted(outcomes):  # in sequence order, so the stop does not depend on the executor
             self._count_failures(outcomes[seq])
         return fitness
 
-    def _train_batch(self, training: dict, snapshots: dict, fitness: list, outcomes: dict) -> dict:
-        """Send the runs of ``training`` (position -> _Training) to the executor; store each
-        evaluation, and its repeats in the batch, when its last run finishes. Returns the repeats
-        of plans that failed, as the next round to train: a failure is not cached, so one after
-        another each repeat would have trained again."""
+    def _classify(self, first: int, requests: list[dict]) -> list[Requested]:
+        """What becomes of each request; a plan asked twice in a batch trains once (the leader)."""
+        batch, leaders = [], {}
+        for position, request in enumerate(requests):
+            item = Requested(position, first + position, request, [float(g) for g in request["genes"]])
+            item.known = self._stored(item)
+            if item.known is not None:
+                item.kind = STORED
+            else:
+                self._classify_new(item, leaders)
+            batch.append(item)
+        return batch
+
+    def _stored(self, item: Requested) -> dict | None:
+        """The evaluation the store holds under this number (a resumed run replays it)."""
+        stored = self.store.evaluation(self.run_id, item.seq)
+        if stored is not None and (stored["genes"] != item.genes or stored["fold"] != item.request["fold"]):
+            raise ReplayMismatchError(
+                f"run {self.run_id}: evaluation {item.seq} was stored for another genome or fold; the run's "
+                "config or code changed since it started, so it cannot be resumed exactly")
+        return stored
+
+    def _classify_new(self, item: Requested, leaders: dict[str, Requested]) -> None:
+        item.plan = decode(item.genes, self.block_names, self.config.ga.encoding)
+        if item.plan.is_empty:
+            item.kind = EMPTY
+            return
+        item.key = json.dumps([item.request["fold"], self.config.train.seeds, self.train_key, item.plan.key()])
+        item.known = self.store.cached(self.run_id, item.key) if self.use_cache else None
+        if item.known is not None:
+            item.kind = CACHED
+        elif self.use_cache and item.key in leaders:
+            item.kind = REPEAT
+            leaders[item.key].followers.append(item)
+        else:
+            leaders[item.key] = item
+
+    def _answer_untrained(self, item: Requested) -> float | None:
+        """The fitness of an evaluation that trains nothing, stored as it is answered; None for the others."""
+        if item.kind == STORED:
+            return item.known["fitness"]
+        if item.kind == EMPTY:
+            return self._store(item, {"status": "no_trained_block", "fitness": self.worst, "per_seed": [],
+                                      "train_runs": 0})
+        if item.kind == CACHED:
+            return self._store(item, item.known, cache_hit=True)
+        return None
+
+    def _train_batch(self, training: dict[int, Requested], snapshots: dict, fitness: list, outcomes: dict) -> dict:
+        """Send the runs of ``training`` to the executor; store each evaluation, and its repeats in
+        the batch, when its last run finishes. Returns the repeats of plans that failed, as the
+        next round: a failure is not cached, so each repeat would have trained again."""
         calls, owners = [], []
-        for position, job in training.items():
+        for position, item in training.items():
             for seed_position, seed in enumerate(self.config.train.seeds):
-                calls.append((job.plan, job.request["fold"], seed, snapshots.get(job.request["fold"]),
+                calls.append((item.plan, item.request["fold"], seed, snapshots.get(item.request["fold"]),
                               self.progress and self.executor.in_process))
                 owners.append((position, seed_position))
         next_round = {}
         with contextlib.closing(self.executor.map(fitness_run, calls, self.inputs)) as finished:
             for call, result in self._stop_out_of_memory(finished):
                 position, seed_position = owners[call]
-                job = training[position]
-                job.runs[seed_position] = result if not isinstance(result, TaskFailure) else \
+                item = training[position]
+                item.runs[seed_position] = result if not isinstance(result, TaskFailure) else \
                     {"seed": self.config.train.seeds[seed_position], "status": "failed", "error": result.error}
-                if len(job.runs) < len(self.config.train.seeds):
-                    continue
-                outcome, prefix, seconds = self._outcome([job.runs[i] for i in range(len(job.runs))])
-                failed = outcome["status"] == "failed"  # not cached: the plan is trained again when asked again
-                fitness[position] = self._store(job.seq, job.request, job.genes, job.plan, outcome, prefix=prefix,
-                                                seconds=seconds,
-                                                cache_key=job.key if self.use_cache and not failed else None)
-                outcomes[job.seq] = {**outcome, "fold": job.request["fold"]}
-                if failed and job.followers:
-                    repeat = job.followers[0]  # trains next round; the later repeats follow it
-                    repeat.followers = job.followers[1:]
-                    next_round[repeat.position] = repeat
-                    continue
-                for repeat in job.followers:
-                    fitness[repeat.position] = self._store(repeat.seq, repeat.request, repeat.genes, repeat.plan,
-                                                           outcome, cache_hit=True)
+                if len(item.runs) == len(self.config.train.seeds):
+                    next_round.update(self._finish(item, fitness, outcomes))
         return next_round
+
+    def _finish(self, item: Requested, fitness: list, outcomes: dict) -> dict[int, Requested]:
+        """Store an evaluation whose runs all finished, and its repeats with it; a failed plan's
+        first repeat trains next round instead (the later repeats follow it)."""
+        outcome, prefix, seconds = self._outcome([item.runs[i] for i in range(len(item.runs))])
+        failed = outcome["status"] == "failed"  # not cached: the plan is trained again when asked again
+        fitness[item.position] = self._store(item, outcome, prefix=prefix, seconds=seconds,
+                                             cache_key=item.key if self.use_cache and not failed else None)
+        outcomes[item.seq] = {**outcome, "fold": item.request["fold"]}
+        if failed and item.followers:
+            repeat = item.followers[0]
+            repeat.followers, repeat.kind = item.followers[1:], TRAIN
+            return {repeat.position: repeat}
+        for repeat in item.followers:
+            fitness[repeat.position] = self._store(repeat, outcome, cache_hit=True)
+        return {}
 
     def _stop_out_of_memory(self, finished):
         """The executor's results. A run out of GPU memory twice stops the search (executors.py):
@@ -334,9 +283,10 @@ class Evaluator:
                 f"then resume it (biotune search --resume {self.run_id}): the failed evaluations at its end are "
                 "trained again")
 
-    def _store(self, seq: int, request: dict, genes: list[float], plan, outcome: dict, *, cache_hit: bool = False,
-               prefix: str = NOT_APPLICABLE, seconds: float = 0.0, cache_key: str | None = None) -> float:
+    def _store(self, item: Requested, outcome: dict, *, cache_hit: bool = False, prefix: str = NOT_APPLICABLE,
+               seconds: float = 0.0, cache_key: str | None = None) -> float:
         """Commit one evaluation (and its cache entry, in the same transaction); return its fitness."""
+        seq, request, genes, plan = item.seq, item.request, item.genes, item.plan
         self.store.add_evaluation(self.run_id, {
             "seq": seq, "generation": request["generation"], "individual": request["individual"],
             "role": request["role"], "fold": request["fold"],

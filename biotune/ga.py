@@ -406,7 +406,6 @@ class BioTuneGA:
         return {
             "next_generation": self.next_generation,
             "evaluations": self.evaluations,
-            "evaluator_seq": getattr(self.evaluate, "seq", None),
             "population": [plain(i) for i in self.population],
             "hall_of_fame": [plain(i) for i in self.hall_of_fame],
             "logbook": list(self.logbook),
@@ -424,10 +423,11 @@ class BioTuneGA:
             os.fsync(handle.fileno())
         os.replace(temporary, self.checkpoint_path)
 
-    def restore(self) -> bool:
-        """Load the last checkpoint if there is one; return whether it existed."""
+    def restore(self) -> int:
+        """Load the last checkpoint if there is one; return the evaluations made before it (0
+        without one), where the evaluator resumes (``Evaluator.start_at``)."""
         if not self.checkpoint_path.is_file():
-            return False
+            return 0
         try:
             self._load_state(json.loads(self.checkpoint_path.read_text()))
         except (ValueError, KeyError, TypeError, IndexError) as error:
@@ -437,7 +437,7 @@ class BioTuneGA:
                 "search then replays from its first evaluation, taking every finished one from the run store "
                 "without training") from None
         log.info("resumed from %s at generation %d", self.checkpoint_path, self.next_generation)
-        return True
+        return self.evaluations
 
     def _load_state(self, state: dict) -> None:
         def individual(d):
@@ -456,8 +456,6 @@ class BioTuneGA:
         self.hall_of_fame.clear()
         self.hall_of_fame.update(best)
         self.next_generation, self.evaluations = int(state["next_generation"]), int(state["evaluations"])
-        if state["evaluator_seq"] is not None:
-            self.evaluate.seq = state["evaluator_seq"]
 
 
 def _rng_to_json(state: tuple) -> list:

@@ -114,6 +114,10 @@ class Searcher:
         self.genomes = proposer(name, num_genes=num_genes, num_blocks=num_blocks, config=config)
         self.batches = ga.evaluation_batches(config, n_folds)
 
+    def restore(self) -> int:
+        """Where a resumed search starts: its first evaluation, each finished one read from the store."""
+        return 0
+
     def run(self) -> ga.GAResult:
         budget = sum(size for _, _, size in self.batches)
         log.info("%s search: %d evaluations, BioTune's budget for this config", self.name, budget)

@@ -24,7 +24,8 @@ import pandas as pd
 from . import config as cfg
 from . import plots, stats
 from .batch import run_many
-from .experiment import make_folder, run_overrides
+from .bookkeeping import make_folder
+from .experiment import run_overrides
 from .report import summary
 from .store import RESULTS_VERSION, REUSE_IGNORES
 

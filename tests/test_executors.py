@@ -264,7 +264,7 @@ def test_a_repeat_of_a_failed_plan_in_one_batch_is_trained_as_one_after_another_
 
 def test_a_final_protocol_run_that_fails_is_not_stored_and_the_next_call_trains_only_it(tmp_path, smoke_config,
                                                                                           monkeypatch):
-    trainer = importlib.import_module("biotune.train")  # the package exports a function of that name
+    trainer = importlib.import_module("biotune.methods.base")  # where Method.fit looks the trainer up
     real_train, attempts = trainer.train, []
 
     def train_failing_seed_1(model, dataset, plan, config, seed, **kwargs):
@@ -359,7 +359,7 @@ def test_the_run_section_is_typed_and_checked():
 
 
 def test_another_executor_drops_the_stored_settings_it_cannot_use():
-    from biotune.experiment import with_run_settings
+    from biotune.bookkeeping import with_run_settings
 
     on_ray = cfg.resolve("cpu", overrides={"run.executor": "ray", "run.workers": 4, "run.gpus_per_run": 0.25})
     on_pool = with_run_settings(on_ray, {"executor": "process"})

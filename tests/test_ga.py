@@ -177,7 +177,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
 
     second = FakeEvaluate()
     resumed = make_ga(tmp_path / "cut", second, n_folds=2, generations=4)
-    assert resumed.restore()
+    second.seq = resumed.restore()  # what the evaluator is told on resume (Evaluator.start_at)
     assert second.seq == len(first.calls)
     result = resumed.run()
     assert first.calls + second.calls == full.calls

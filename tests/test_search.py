@@ -230,7 +230,7 @@ def test_resume_refuses_settings_it_would_ignore(smoke):
 
 
 def test_a_dataset_path_gives_its_stem_to_the_run_id():
-    from biotune.experiment import new_run_id
+    from biotune.bookkeeping import new_run_id
 
     assert "-biotune-my_scans-" in new_run_id("biotune", "/data/x/my scans.npz")
     assert "-biotune-images-" in new_run_id("biotune", "data/images/")

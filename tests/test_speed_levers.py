@@ -9,7 +9,7 @@ import torch
 
 import biotune
 from biotune import config as cfg
-from biotune import fitness
+from biotune import pruning
 from biotune.data import make_folds
 from biotune.experiment import load_inputs
 from biotune.genome import FineTunePlan
@@ -154,7 +154,7 @@ def run_pruned(pruner, fold: int, history: list[float]) -> TrainResult:
 
 
 def test_pruning_stops_a_clearly_worse_run_and_never_a_better_one():
-    pruner = fitness.Pruner(cfg.GAConfig(prune=True, prune_warmup=3, prune_percentile=50.0))
+    pruner = pruning.Pruner(cfg.GAConfig(prune=True, prune_warmup=3, prune_percentile=50.0))
     for history in ([0.70, 0.80, 0.85], [0.72, 0.82, 0.86], [0.68, 0.79, 0.84]):
         assert run_pruned(pruner, 0, history).status == "ok"  # the warm-up runs are never pruned
     worse = run_pruned(pruner, 0, [0.30, 0.40, 0.50])
@@ -165,7 +165,7 @@ def test_pruning_stops_a_clearly_worse_run_and_never_a_better_one():
 
 
 def test_runs_of_one_batch_are_compared_with_the_runs_before_it_only():
-    pruner = fitness.Pruner(cfg.GAConfig(prune=True, prune_warmup=3, prune_percentile=50.0))
+    pruner = pruning.Pruner(cfg.GAConfig(prune=True, prune_warmup=3, prune_percentile=50.0))
     snapshot = pruner.snapshot(0)  # a batch starts: nothing finished on the fold yet
     for history in ([0.70, 0.80, 0.85], [0.72, 0.82, 0.86], [0.68, 0.79, 0.84]):
         pruner.add(0, [{"status": "ok", "history": history}])
