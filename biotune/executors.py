@@ -11,6 +11,8 @@ every executor keeps:
 - Out of GPU memory is never a result (it would become a fitness): the process frees its cache
   before the retry, and a second time stops the ``map`` with ``OutOfGPUMemoryError``.
 - Each worker process is pinned to the GPU ``gpus.places`` gives it, ``run.runs_per_gpu`` per GPU.
+- A worker process keeps the shared input of the latest calls (by its ``token``, where it has
+  one), so what a call builds on it serves the calls after it (a search's prefix cache).
 - Workers return plain results; only the caller writes the run store (SQLite has one writer).
 - Results do not depend on the executor: a training run depends on its inputs, seed and threads.
 
@@ -111,6 +113,21 @@ class Executor:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+_kept_shared: dict = {}  # in a worker process: the shared input of the latest calls, by its token
+
+
+def _in_worker(function: Callable, shared, *arguments):
+    """``_attempt`` in a worker process, on the shared input it kept: each call arrives with a
+    new copy, replaced here by the first copy of the same token this worker received."""
+    token = getattr(shared, "token", None)
+    if token is not None:
+        if token not in _kept_shared:
+            _kept_shared.clear()  # one search at a time: the previous one's caches go
+            _kept_shared[token] = shared
+        shared = _kept_shared[token]
+    return _attempt(function, shared, *arguments)
 
 
 def _attempt(function: Callable, shared, *arguments):
@@ -243,11 +260,11 @@ class ProcessExecutor(Executor):
         """The call's future and the pool it went to."""
         try:
             pool = self._pool()
-            return pool.submit(_attempt, function, shared, *arguments), pool
+            return pool.submit(_in_worker, function, shared, *arguments), pool
         except BrokenProcessPool:  # broken by a worker that died since: a new pool takes the call
             self._discard_pool()
             pool = self._pool()
-            return pool.submit(_attempt, function, shared, *arguments), pool
+            return pool.submit(_in_worker, function, shared, *arguments), pool
 
     def _outcome(self, future: Future, pool: ProcessPoolExecutor) -> tuple[object, BaseException | str | None]:
         """``(result, None)`` for a call that returned, ``(None, failure)`` for one that raised."""
@@ -289,7 +306,7 @@ def _ray_call(function, shared, arguments, threads: int, gpus_per_run: float):
     share = gpus.Slot(os.environ.get("CUDA_VISIBLE_DEVICES", ""), 0, gpus_per_run) if 0 < gpus_per_run < 1 else None
     try:
         with gpus.placed(share):
-            return _attempt(function, shared, *arguments)
+            return _in_worker(function, shared, *arguments)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

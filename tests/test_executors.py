@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,28 @@ def flaky(shared, counter: str, failures: int) -> str:
     if calls <= failures:
         raise RuntimeError(f"call {calls} fails")
     return f"{shared} after {calls} calls"
+
+
+@dataclass
+class Tokened:
+    """A shared input with a token, like a search's FitnessInputs."""
+
+    token: str
+    calls: int = 0
+
+
+def count_on_shared(shared: Tokened, _: int) -> tuple[str, int]:
+    shared.calls += 1  # what a call builds on the shared input (a search's prefix cache)
+    return shared.token, shared.calls
+
+
+def test_a_worker_keeps_the_shared_input_of_the_latest_token_between_calls():
+    with ProcessExecutor(workers=1, threads=1) as executor:
+        first = sorted(result for _, result in executor.map(count_on_shared, [(i,) for i in range(3)], Tokened("a")))
+        other = [result for _, result in executor.map(count_on_shared, [(0,)], Tokened("b"))]
+        again = [result for _, result in executor.map(count_on_shared, [(0,)], Tokened("a"))]
+    assert first == [("a", 1), ("a", 2), ("a", 3)]  # each call arrived as a new copy; the worker kept the first
+    assert other == [("b", 1)] and again == [("a", 1)]  # a new search's input replaces the previous one's
 
 
 @pytest.mark.slow
