@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-ENCODINGS = ("full", "no_lr_genes", "no_freezing", "head_trained", "freeze_bits")
+from .config import CHOICES
+
+ENCODINGS = CHOICES["ga.encoding"]
 
 
 @dataclass(frozen=True)

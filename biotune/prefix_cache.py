@@ -1,21 +1,10 @@
 """Frozen-prefix activations, computed once per fold and shared by every genome that freezes them.
 
-A genome that freezes blocks 0..k-1 feeds every training image through them unchanged in every
-epoch, every validation pass and for every seed: with their BatchNorm layers in eval mode
-(``train.frozen_bn = "eval"``), no augmentation and nothing stochastic in them, those blocks are
-a fixed function of the image. So the activations entering block k are computed once per fold
-(in the dtype and memory format the training forward uses), kept within a memory budget
-(``train.prefix_cache_mb``, least recently used evicted first), and every run that freezes the
-same prefix on the same fold trains a network whose first k blocks are cut away, fed those
-activations. The math is the same; the fitness differs only by float rounding (convolutions
-over other batch compositions).
-
-The cut is found by running the network: the modules that start before block k's first module
-(blocks 0..k-1 and parameter-free layers between them, such as ResNet's stem ReLU and max-pool)
-are replaced by ``nn.Identity``. Where that would not be exact (a functional operation before
-block k, a stochastic layer in the prefix), the cache says so: the cut network is checked once
-per prefix against the whole network on a few images, and a prefix that fails the check, or
-holds a dropout layer, is reported "not applicable" and trained the ordinary way.
+A genome freezing blocks 0..k-1 (BatchNorm in eval mode, nothing stochastic) feeds every image
+through a fixed function; the activations entering block k are computed once per fold, kept
+within ``train.prefix_cache_mb`` (least recently used evicted), and runs train a network whose
+first k blocks are cut away (nn.Identity). The cut is checked once per prefix against the whole
+network; where it would not be exact the prefix is "n/a" and trains the ordinary way.
 """
 from __future__ import annotations
 

@@ -1,41 +1,10 @@
 """Random search, TPE and CMA-ES over BioTune's genome, at BioTune's budget (docs/methods.md).
 
-Does the evolution matter? Each searcher here differs from BioTune in how it proposes genomes
-and in nothing else: the same genome (``genome.num_genes``), decoding, fitness (the same
-``fitness.Evaluator``, so the same training, cache and run store), folds and number of
-evaluations.
-
-- Budget: exactly the evaluations BioTuneGA makes for the same config,
-  ``ga.evaluation_schedule(config, n_folds)``: N + T(N + E), plus in the improved variant the E
-  elite re-scores of every generation whose fold differs from the previous one's.
-- Batches: the same as BioTune's (``ga.evaluation_batches``): a searcher asks for a batch of
-  genomes, they are scored (at once, where the executor runs several), then it is told every
-  fitness. So the initial N, the E re-scores and the 2E exploitation trials are batches, and the
-  N - E children are batches of one (steady breeding) or one batch (generational).
-- Folds: trial k is evaluated on the fold of BioTune's evaluation k in that schedule (fold
-  rotation as in BioTune, not one fixed fold), so both see the same folds, in the same order and
-  proportions. A sampler is told every fitness as one objective whatever its fold: it sees the
-  same fold noise that BioTune's selection sees.
-- Proposals: random search draws uniform genomes with ``ga.random_genome``, redrawing those
-  that train no block (BioTune's own initialisation), from a ``random.Random(ga.seed)``; optuna's
-  RandomSampler is not used because a redraw would cost a trial. TPE and CMA-ES are optuna
-  samplers (library defaults; CMA-ES needs optuna's optional ``cmaes`` package) seeded from
-  ``ga.seed``, asked through ask/tell for each gene as a float ``g{i}`` in [0, 1]. Their genomes
-  that train no block are evaluated all the same: the Evaluator records them with the worst
-  fitness without training, and the sampler is told that fitness. Every evaluation is recorded
-  with role ``trial``.
-- Resume: there is no checkpoint. A resumed run replays from the first evaluation with freshly
-  seeded proposers; the Evaluator returns the stored fitness for every evaluation already done
-  (and raises ``ReplayMismatchError`` if a replayed genome or fold differs), so each proposer
-  sees the same history and proposes what an uninterrupted run would. This holds because the
-  proposers draw only from generators seeded at construction and from the study's history:
-  TPE (and its random start-up trials) from ``RandomState(seed)``; CMA-ES from its own
-  ``RandomState(seed)`` and from the CMA optimizer, which optuna pickles into the trial that
-  updated it and, before every ask, reseeds with a draw of that generator plus the trial number
-  (an unpickled optimizer's own generator is unseeded, so the reseed is what makes it replay).
-
-The logbook groups trials by the generation of the schedule they stand in for, with the keys of
-BioTuneGA's logbook, so the run's outputs and convergence figure are the same as BioTune's.
+Each differs from BioTune in how it proposes genomes and nothing else: the same genome,
+evaluator, folds (trial k on the fold of BioTune's evaluation k), batches and number of
+evaluations (``ga.evaluation_batches``). There is no checkpoint: a resumed search replays from
+its first evaluation with freshly seeded proposers, and the evaluator answers every stored one,
+so each proposer sees the same history and proposes what an uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -48,11 +17,11 @@ import optuna
 from tqdm.auto import tqdm
 
 from . import ga
-from .config import ConfigError, GAConfig
+from .config import CHOICES, ConfigError, GAConfig
 
 log = logging.getLogger(__name__)
 
-SEARCHERS = ("random", "tpe", "cmaes")
+SEARCHERS = tuple(name for name in CHOICES["ga.searcher"] if name != "biotune")  # the baselines here
 
 
 class RandomGenomes:

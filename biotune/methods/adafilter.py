@@ -1,52 +1,16 @@
-"""AdaFilter: per-example choice between pretrained and fine-tuned filters, made by a recurrent gate.
+"""AdaFilter: per example and per filter, a recurrent gate picks the pretrained or the fine-tuned filter.
 
-Guo, Li, Wang, Rosing, "AdaFilter: Adaptive Filter Fine-Tuning for Deep Transfer Learning",
-AAAI 2020, 34(04):4060-4066, doi 10.1609/aaai.v34i04.5824. No public implementation exists and
-the paper's method section could not be recovered, so only the idea is the paper's; the rest comes
-from SkipNet's RNNGate (Wang et al., ECCV 2018, ucbdrive/skipnet) and SpotTune (Guo et al., CVPR
-2019) or is our choice (docs/methods.md). Every gated conv layer l with C_l output filters
-computes, per example and per filter,
+Guo et al., AAAI 2020 (no public code; the method section could not be recovered): the idea is
+the paper's, the gate SkipNet's RNNGate, the options SpotTune's, the rest ours; docs/methods.md
+says which is which. Every gated conv l computes
 
     y_l = g_l * BN^F_l(F_l(x_l)) + (1 - g_l) * BN^P_l(P_l(x_l)),     g_l in {0, 1}^{C_l}
 
-P_l the frozen pretrained conv, F_l a trainable copy initialised from it, and one BatchNorm per path
-("gated batch normalisation"), both starting as the pretrained BN. The gates come from
-
-    z_l = W_l avgpool(x_l),   (h_l, c_l) = LSTMCell(z_l, (h_{l-1}, c_{l-1})),   p_l = sigmoid(V_l h_l)
-    g_l = 1[p_l > 0.5] - sg(p_l) + p_l        (hard in the forward pass, straight-through gradient)
-
-with W_l, V_l per layer and ONE LSTM cell shared by all gated layers, stepped once per gated layer
-in forward order, its state zeroed for every batch.
-
-- Paper: per-example filter choice between pretrained and fine-tuned weights; a recurrent gate
-  shared across layers deciding from the previous layer's activations; gated batch normalisation.
-- SkipNet: average pool -> per-layer projection -> shared LSTM -> sigmoid -> hard 0.5 threshold
-  with a straight-through gradient, state zeroed per batch (its 1x1 conv projections are our W_l;
-  its single-output head becomes a per-layer head V_l to C_l gates). SpotTune: the Gumbel option
-  (``gumbel_temperature``, SpotTune used 5) and BN^P updating as an option.
-- Our choices: d = 64 (embedding and LSTM width; SkipNet used 10). Every Conv2d of the backbone is
-  gated (``layers``: a regex over module names to choose). BN^P is frozen (statistics and affine)
-  by default, and so are the pretrained BatchNorms of layers not gated, so every gate at 0 gives
-  the pretrained network back exactly; ``freeze_pretrained_bn=False`` lets all of them update.
-  The head trains normally; everything else pretrained (convs not gated, VGG-19's fc6 and fc7)
-  stays frozen. No gate term in the loss by default; ``gate_penalty`` adds
-  gate_penalty * mean(g), the share of fine-tuned filters used. Both paths are computed for every
-  example (two convolutions), so AdaFilter costs about twice the conv compute of fine-tuning.
-
-Which BatchNorm belongs to which conv is found by tracing one eval-mode forward pass of a random
-input: a BatchNorm whose input is a conv's output tensor, not modified in place since, is that
-conv's BN. A BN module is copied as it is, so timm's BatchNormAct2d carries its activation into
-each path; with binary gates that equals activating after the mix. Convs without such a BN
-(VGG-19 has no BatchNorm; DenseNet's growth and transition convs feed a concatenation or a pool)
-are gated without one, y = g * F(x) + (1 - g) * P(x); convs not run in an eval-mode forward
-(Inception-v3's auxiliary classifier, only run in training) or run more than once per forward
-stay frozen, since they would make the LSTM's sequence differ between training and inference or
-be ambiguous. Both are logged. After rebuilding, the network with every gate at 0 must compute
-the pretrained network's output on the traced input exactly, or prepare raises.
-
-The paper's training recipe is unknown, so its numbers cannot be reproduced; AdaFilter here runs
-under the BioTune protocol's trainer (Adam, cosine schedule) like every baseline, with a grid on
-the learning-rate scale of its trained parameters.
+(P_l frozen, F_l a trainable copy, one BatchNorm per path), with g_l from one LSTM cell shared
+by all gated layers (straight-through hard threshold). Conv-BN pairs are found by tracing one
+forward pass (timm's BatchNormAct2d carries its activation into each path: with binary gates,
+the same as activating after the mix); with every gate at 0 the network must give the
+pretrained output exactly.
 """
 from __future__ import annotations
 

@@ -1,24 +1,10 @@
-"""AutoRGN: per-tensor learning rates from relative gradient norms, re-measured every epoch.
+"""AutoRGN (Lee et al., ICLR 2023, the official code's semantics): per-tensor rates from relative
+gradient norms, re-measured before every epoch (docs/methods.md).
 
-Lee et al., "Surgical Fine-Tuning Improves Adaptation to Distribution Shifts", ICLR 2023, with
-the semantics of the official code. Before every epoch, on its first 5 training mini-batches, the
-cross-entropy gradient of every parameter tensor j gives
-
-    RGN_j = mean over the batches of ||grad_j|| / ||theta_j||,    w_j = RGN_j / max_k RGN_k,
-
-and a new Adam (weight decay 1e-4) trains tensor j at lr_j = w_j * lr, so the tensor whose
-gradient is largest relative to its weights trains at lr and the others slower. Building a new
-Adam resets its moments every epoch, as the official code does. The trainer's cosine schedule
-scales every lr_j alike. The official code gives each tensor a param group of its own; here one
-group and per-tensor step scales (``ScaledAdam``) make the same steps in multi-tensor ops.
-
-Tensors whose name contains "bn" are left out and stay frozen: the official rule, kept as the
-default. It matches timm's EfficientNets (``bn1``) and most of torchvision's ResNet BatchNorm
-layers, but not layers named otherwise, which are then weighted and trained like any tensor:
-ResNet's shortcut BatchNorm (``downsample.1``) and DenseNet's ``norm`` layers, for instance.
-The gradients are measured in full precision with the network in train mode (BatchNorm running
-statistics see those batches, as in the official code). A tensor with zero norm has no scale to
-be relative to; it gets w = 1 instead of the official code's division by zero.
+On the epoch's first 5 batches, RGN_j = mean ||grad_j|| / ||theta_j||; tensor j then trains at
+(RGN_j / max_k RGN_k) x lr in a new Adam (its moments reset every epoch, as officially).
+Tensors named with "bn" stay frozen (the official rule). One group with per-tensor step scales
+(``ScaledAdam``) makes the official per-tensor groups' steps in multi-tensor ops.
 """
 from __future__ import annotations
 

@@ -1,23 +1,9 @@
-"""LoRA on convolutions, through the ``peft`` library.
+"""LoRA on convolutions through peft: ``out = base(x) + B(A(x)) * alpha / r`` (docs/methods.md).
 
-Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, applied to every
-Conv2d of the backbone with peft's Conv2d LoRA:
-
-    out = base(x) + B(A(x)) * alpha / r,
-
-A a convolution of the base layer's kernel, stride and padding to r channels (random init), B a
-1x1 convolution back to the output channels (zero init, so training starts at the pretrained
-function). The base weights stay frozen; the new head trains fully (only the new classifier:
-VGG-19's pretrained fc6 and fc7, which are linear layers, stay frozen); BatchNorm affine parameters
-are frozen unless ``train_bn``. BatchNorm running statistics keep updating in train mode, since
-the adapted features shift them. The trained adapters can be merged into the base weights
-(``merge_lora``), giving the original architecture back with no inference cost.
-
-Grouped and depthwise convolutions (groups > 1) are not adapted. peft accepts them only when r is
-divisible by groups (for a depthwise conv, groups is its channel count, 16 to 1000+, above any r of
-our grid), and even then its A spans all input channels, so the update is a dense convolution that
-the grouped base weight cannot hold: peft cannot merge it. Adapting only ungrouped convolutions
-keeps LoRA a low-rank change of the pretrained weights everywhere it applies.
+Every ungrouped Conv2d of the backbone gets an adapter (B starts at zero, so training starts at
+the pretrained function); base weights and BatchNorm affine parameters stay frozen, the new head
+trains. Grouped and depthwise convs are left out: peft's A would span all input channels, an
+update the grouped base weight cannot hold, so the adapters could not be merged.
 """
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
-"""L2-SP and L1-SP: fine-tuning regularised towards the pretrained starting point.
+"""L2-SP and L1-SP (Li et al., ICML 2018): fine-tuning pulled back to the pretrained weights.
 
-Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional
-Networks", ICML 2018. Every block trains (full fine-tuning) and the loss gains
+    L2-SP: (alpha/2) ||w_S - w_S^0||_2^2 + (beta/2) ||w_head||_2^2;   L1-SP: alpha ||w_S - w_S^0||_1 + the same head term
 
-    L2-SP:  (alpha/2) * ||w_S - w_S^0||_2^2 + (beta/2) * ||w_head||_2^2
-    L1-SP:   alpha    * ||w_S - w_S^0||_1   + (beta/2) * ||w_head||_2^2
-
-w_S are all trainable pretrained parameter tensors (everything but the new head, which on VGG-19
-leaves the pretrained fc6 and fc7 in w_S): convolution and linear weights and biases and the
-BatchNorm affine parameters, as Transfer-Learning-Library's implementation does; BatchNorm running
-statistics are buffers, not weights, and are not penalised. w_S^0 is a detached copy of their
-values when the run starts (the pretrained weights), so the weights are pulled back to where they
-started rather than to zero. w_head is the new head, which has no starting point worth keeping and
-gets the plain L2 term (beta). The penalty is added to the loss, not folded into the optimizer's
-weight_decay: Adam would rescale it per coordinate. It replaces weight decay: the optimizer gets
-none, whatever ``train.weight_decay`` says.
+w_S: every trainable pretrained tensor (BatchNorm affine included, running statistics not), w_S^0
+their values when the run starts. The penalty is added to the loss and replaces weight decay
+(Adam would rescale a decay per coordinate). docs/methods.md has the details.
 """
 from __future__ import annotations
 
