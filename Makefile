@@ -9,7 +9,13 @@ DEVICE ?=
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: help setup data rehearse test test-fast demo lint bench bench-parallel clean experiments ablations study figures notebooks notebooks-smoke
+.PHONY: help setup data rehearse test test-fast demo lint bench bench-parallel clean experiments ablations study figures notebooks notebooks-smoke tables reproduce
+
+# `make reproduce demo`: the words after `reproduce` name tables, not targets
+ifeq (reproduce,$(firstword $(MAKECMDGOALS)))
+TABLE_NAMES := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+$(eval $(filter-out demo,$(TABLE_NAMES)):;@:)
+endif
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,8 +45,15 @@ test: setup  ## the whole test suite (CPU, offline)
 test-fast: $(STAMP)  ## tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
+tables: $(STAMP)  ## regenerate the tables in README.md and docs/ from the committed results files
+	$(BIN)/python -m biotune.tables write
+
+reproduce: setup  ## rerun the command behind a published table, compare side by side (make reproduce demo)
+	@test -n "$(TABLE_NAMES)" || { echo "name a table: make reproduce demo"; exit 2; }
+	@for name in $(TABLE_NAMES); do $(BIN)/python -m biotune.tables reproduce $$name || exit $$?; done
+
 demo: setup  ## small search + final protocol vs full FT and linear probing (a few minutes on 2 cores)
-	$(BIN)/biotune demo
+	$(if $(TABLE_NAMES),@:,$(BIN)/biotune demo)
 
 bench: setup  ## plain PyTorch loop vs levers off vs exact levers vs pruning, side by side (PRESET=cpu)
 	$(BIN)/biotune bench evaluations --preset $(PRESET) --json results/bench_$(PRESET).json $(if $(DEVICE),--train.device $(DEVICE))
