@@ -127,6 +127,41 @@ def _rerun_demo(path: Path) -> None:
     path.write_text(json.dumps({"provenance": made, "rows": rows}, indent=2) + "\n")
 
 
+BENCH_PATHS = {"plain loop": "plain loop", "levers off": "levers off", "exact levers": "exact levers",
+               "pruning": "exact levers + pruning"}
+
+
+def _render_bench_paths(path: Path, source: str) -> str:
+    """``biotune bench evaluations``: seconds per evaluation and images/s of each path."""
+    saved = json.loads(path.read_text())
+    summary, plain = saved["summary"], saved["summary"]["seconds_per_evaluation"]["plain loop"]
+    lines = [f"| path | seconds per evaluation (mean of {summary['genomes']}) | training images/s | vs plain loop |",
+             "|---|---|---|---|"]
+    for key, title in BENCH_PATHS.items():
+        seconds = summary["seconds_per_evaluation"][key]
+        lines.append(f"| {title} | {seconds:.1f} | {summary['images_per_second'][key]:.0f} | {plain / seconds:.2f}x |")
+    return "\n".join(lines) + "\n\n" + stamp(source, saved["provenance"])
+
+
+def _bench_cell(row: dict, first: bool) -> str:
+    epochs = f"pruned after {row['epochs']}" if row["status"] == "pruned" else \
+        (f"{row['epochs']} epochs" if first else str(row["epochs"]))
+    return f"{row['seconds']:.1f} s, {epochs}, {row['val_macro_acc']:.3f}"
+
+
+def _render_bench_genomes(path: Path, source: str) -> str:
+    """Each genome's seconds, epochs and validation macro accuracy on each path."""
+    saved = json.loads(path.read_text())
+    rows = pd.DataFrame(saved["rows"])
+    lines = [f"| genome (trained blocks) | {' | '.join(BENCH_PATHS)} |", "|---" * (len(BENCH_PATHS) + 1) + "|"]
+    for index, (genome, group) in enumerate(rows.groupby("genome", sort=False)):
+        cells = {row["path"]: _bench_cell(row, first=index == 0) for row in group.to_dict("records")}
+        missed = "; stem frozen: prefix cache miss" if (group["prefix_cache"] == "miss").any() else ""
+        lines.append(f"| {genome} ({group['trained_blocks'].iloc[0]}{missed}) | "
+                     f"{' | '.join(cells[key] for key in BENCH_PATHS)} |")
+    return "\n".join(lines) + "\n\n" + stamp(source, saved["provenance"])
+
+
 STUDY_METHODS = {"biotune": "BioTune (paper)", "biotune_robust": "BioTune, robust (ours)",
                  "random": "random search", "full": "full fine-tuning", "l2_sp": "L2-SP",
                  "linear_probe": "linear probing"}
@@ -178,6 +213,8 @@ def _render_study_paired(folder: Path, source: str) -> str:
 TABLES: dict[str, Published] = {
     "demo": Published("results/reference/demo.json", _render_demo, _rerun_demo, exact=True,
                       compared=DEMO_COLUMNS[1:]),
+    "bench-cpu-paths": Published("results/reference/bench_cpu.json", _render_bench_paths),
+    "bench-cpu-genomes": Published("results/reference/bench_cpu.json", _render_bench_genomes),
     "study-offline-means": Published("results/study/offline", _render_study_means),
     "study-offline-paired": Published("results/study/offline", _render_study_paired),
 }

@@ -22,6 +22,8 @@ def repository(tmp_path):
     (tmp_path / "results" / "reference").mkdir(parents=True)
     (tmp_path / "results" / "reference" / "demo.json").write_text(
         json.dumps({"provenance": PROVENANCE, "rows": DEMO_ROWS}))
+    bench = json.loads((tables.ROOT / "results" / "reference" / "bench_cpu.json").read_text())
+    (tmp_path / "results" / "reference" / "bench_cpu.json").write_text(json.dumps({**bench, "provenance": PROVENANCE}))
     study = tmp_path / "results" / "study" / "offline"
     study.mkdir(parents=True)
     rows = pd.DataFrame([{"dataset": d, "method": m, "seed": s, "status": "ok",
