@@ -24,10 +24,6 @@ DOCUMENTS = ("docs/results.md", "docs/performance.md")
 UNSTAMPED = {
     ("docs/results.md", "| method | test macro acc % | trainable share | seconds | training runs |"):
         "the `make demo` table: becomes the generated `demo` block of biotune/tables.py",
-    ("docs/performance.md", "| path | seconds per evaluation (mean of 4) | training images/s | vs plain loop |"):
-        "the cpu bench summary: becomes a generated block from results/reference/bench_cpu.json",
-    ("docs/performance.md", "| genome (trained blocks) | plain loop | levers off | exact levers | pruning |"):
-        "the cpu bench per genome: becomes a generated block from results/reference/bench_cpu.json",
 }
 
 FENCE = re.compile(r"^(```|~~~)")
