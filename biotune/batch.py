@@ -40,7 +40,7 @@ BIOTUNE_VARIANTS = {
     "biotune_bits": {"ga.encoding": "freeze_bits"},
 }
 ROW_KEYS = ("method", "dataset", "model", "preset", "overrides", "config_file", "label")
-ROW_EXECUTORS = tuple(name for name in cfg.CHOICES["run.executor"] if name != "serial")  # rows at once
+ROW_EXECUTORS = tuple(name for name in cfg.CHOICES["executor.kind"] if name != "serial")  # rows at once
 
 
 def row_methods() -> list[str]:
@@ -61,7 +61,7 @@ def run_method(method: str, dataset: str | None = None, model: str | None = None
                             store=store, reuse=reuse, progress=progress)[0]
     overrides = _with_searcher(overrides, method)
     config = cfg.resolve(preset, config_file, run_overrides(dataset, model, overrides, store))
-    executor_settings = {"run": dataclasses.asdict(config.run)}  # this row's executor, also for a stored search
+    executor_settings = {"executor": dataclasses.asdict(config.executor)}  # this row's executor, also for a stored search
     previous = None
     if reuse:
         with RunStore(config.store_path) as db:
@@ -115,11 +115,11 @@ def run_many(rows: list[dict], *, jobs: int = 1, executor: str = "process", gpus
     one_at_a_time = jobs == 1 and executor == "process"
     if one_at_a_time:  # rows in this process, unplaced: each row's own runs go to the GPUs asked for
         rows, gpus = _with_gpus(rows, gpus), None
-    run = _rows_run_config(jobs, executor, one_at_a_time, gpus, runs_per_gpu, gpus_per_row)
-    if run.executor != "ray":  # rows train on this machine: a device they cannot use fails now, once
+    settings = _rows_executor_config(jobs, executor, one_at_a_time, gpus, runs_per_gpu, gpus_per_row)
+    if settings.kind != "ray":  # rows train on this machine: a device they cannot use fails now, once
         _check_row_devices(rows)
     store = str(Path(store).resolve()) if store is not None else None
-    with SerialExecutor() if one_at_a_time else make_executor(run, cfg.TrainConfig()) as pool:
+    with SerialExecutor() if one_at_a_time else make_executor(settings, cfg.TrainConfig()) as pool:
         outcomes = _run_rows(pool, rows, (store, progress and pool.in_process, str(Path.cwd())), on_finished)
     return pd.DataFrame([{"label": row.get("label"), "method": row["method"], "dataset": row.get("dataset"),
                           "model": row.get("model"), **outcome} for row, outcome in zip(rows, outcomes)])
@@ -129,22 +129,22 @@ def _with_gpus(rows: list[dict], gpus: list[int] | None) -> list[dict]:
     """Rows run one after another in this process, each training on ``gpus`` (where given)."""
     if not gpus:
         return rows
-    return [{**row, "overrides": {**cfg.flat_overrides(row.get("overrides")), "run.gpus": gpus}} for row in rows]
+    return [{**row, "overrides": {**cfg.flat_overrides(row.get("overrides")), "executor.gpus": gpus}} for row in rows]
 
 
-def _rows_run_config(jobs: int, executor: str, one_at_a_time: bool, gpus: list[int] | None,
-                     runs_per_gpu: int | None, gpus_per_row: float) -> cfg.RunConfig:
+def _rows_executor_config(jobs: int, executor: str, one_at_a_time: bool, gpus: list[int] | None,
+                          runs_per_gpu: int | None, gpus_per_row: float) -> cfg.ExecutorConfig:
     """The executor settings of the rows themselves (each row's own training runs have their own)."""
     if runs_per_gpu is None:
         runs_per_gpu = 1 if gpus_per_row or one_at_a_time else runs_per_gpu_for(jobs, gpus)
-    return cfg.validate(cfg.Config(run=cfg.RunConfig(executor="serial" if one_at_a_time else executor,
-                                                     workers=jobs, gpus_per_run=gpus_per_row, gpus=gpus,
-                                                     runs_per_gpu=runs_per_gpu))).run
+    return cfg.validate(cfg.Config(executor=cfg.ExecutorConfig(kind="serial" if one_at_a_time else executor,
+                                                               workers=jobs, gpus_per_run=gpus_per_row, gpus=gpus,
+                                                               runs_per_gpu=runs_per_gpu))).executor
 
 
 def _check_row_devices(rows: list[dict]) -> None:
     for config in map(_row_config, rows):
-        if training_device(config.run, config.train).type == "cuda" and config.train.device.startswith("cuda:"):
+        if training_device(config.executor, config.train).type == "cuda" and config.train.device.startswith("cuda:"):
             raise cfg.ConfigError(f"a row has train.device={config.train.device}, but run_many places rows on "
                                   "GPUs itself: set the rows' train.device to cuda or auto, and pass gpus=[...]")
 

@@ -101,21 +101,21 @@ def parallel_bench(preset: str = "demo", overrides: list[str] | None = None,
     rows, serial_by_threads, ray_started = [], {}, False
     with tempfile.TemporaryDirectory() as folder:
         for executor, workers, threads in runs:
-            changes = [*(overrides or []), f"run.executor={executor}", f"run.workers={workers}",
+            changes = [*(overrides or []), f"executor.kind={executor}", f"executor.workers={workers}",
                        f"results_dir={folder}/results"]
             if threads == "per worker":
-                changes.append(f"train.num_threads={threads_per_run(cfg.RunConfig(workers=2), base.train)}")
+                changes.append(f"train.num_threads={threads_per_run(cfg.ExecutorConfig(workers=2), base.train)}")
             config = cfg.resolve(preset, overrides=changes)
             ray_start = None
             if executor == "ray" and not ray_started:
                 started = time.perf_counter()
-                make_executor(config.run, config.train)  # starts the local Ray the searches then share
+                make_executor(config.executor, config.train)  # starts the local Ray the searches then share
                 ray_start, ray_started = time.perf_counter() - started, True
             started = time.perf_counter()
             result = search(preset=preset, overrides=changes, store=Path(folder) / f"{len(rows)}.sqlite", progress=False)
             seconds = time.perf_counter() - started
             evaluations = result.evaluations[["seq", "genes", "fold", "fitness", "train_runs"]].to_dict("records")
-            run_threads = threads_per_run(config.run, config.train) if executor != "serial" else (
+            run_threads = threads_per_run(config.executor, config.train) if executor != "serial" else (
                 config.train.num_threads or torch.get_num_threads())
             if executor == "serial":
                 serial_by_threads[run_threads] = (seconds, evaluations)

@@ -49,14 +49,14 @@ def run_metadata(config: cfg.Config) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    if config.run.executor == "ray":
+    if config.executor.kind == "ray":
         device, device_label = config.train.device, "the Ray workers' (see each run's worker)"
     else:
-        device = training_device(config.run, config.train)
+        device = training_device(config.executor, config.train)
         if device.type == "cuda":  # the GPUs the runs are placed on, not the driver's current one
             import torch
 
-            gpus = list(dict.fromkeys(slot.gpu for slot in places(config.run, config.train)))
+            gpus = list(dict.fromkeys(slot.gpu for slot in places(config.executor, config.train)))
             device_label = f"{torch.cuda.get_device_name(device)}; GPU {', '.join(gpus)} (CUDA_VISIBLE_DEVICES ids)"
         else:
             device_label = platform.processor() or platform.machine()
@@ -118,24 +118,25 @@ def resumed_config(run_id: str, store: str | Path | None) -> tuple[cfg.Config, R
     return cfg.from_dict(run["config"]), store_obj
 
 
-def split_run_settings(overrides: list[str] | dict | None) -> tuple[dict, dict]:
-    """The executor's settings (``run.*``) apart from the other overrides: a stored run's config
-    may change them (they do not change results), nothing else."""
-    nested = cfg.parse_overrides(overrides or [])
-    run_settings = nested.pop("run", {})
-    if not isinstance(run_settings, dict):
-        raise cfg.ConfigError(f"run must be a mapping of keys, got {run_settings!r}")
-    return run_settings, nested
+def split_executor_settings(overrides: list[str] | dict | None) -> tuple[dict, dict]:
+    """The executor's settings (``executor.*``; the old ``run.*`` with a deprecation warning) apart
+    from the other overrides: a stored run's config may change them (they do not change results),
+    nothing else."""
+    nested = cfg.renamed(cfg.parse_overrides(overrides or []), "override")
+    settings = nested.pop("executor", {})
+    if not isinstance(settings, dict):
+        raise cfg.ConfigError(f"executor must be a mapping of keys, got {settings!r}")
+    return settings, nested
 
 
-def with_run_settings(config: cfg.Config, run_settings: dict) -> cfg.Config:
+def with_executor_settings(config: cfg.Config, settings: dict) -> cfg.Config:
     """``config`` with other executor settings; another executor drops the stored settings it
     cannot use (serial: the workers; serial and process: the GPU share)."""
-    if run_settings.get("executor") == "serial":
-        run_settings = {"workers": 1, **run_settings}
-    if run_settings.get("executor") in ("serial", "process"):
-        run_settings = {"gpus_per_run": 0.0, **run_settings}
-    return cfg.validate(cfg.merge(config, {"run": run_settings}, "override")) if run_settings else config
+    if settings.get("kind") == "serial":
+        settings = {"workers": 1, **settings}
+    if settings.get("kind") in ("serial", "process"):
+        settings = {"gpus_per_run": 0.0, **settings}
+    return cfg.validate(cfg.merge(config, {"executor": settings}, "override")) if settings else config
 
 
 FLAGS = {"dataset": "--dataset", "model": "--model", "preset": "--preset", "config_file": "--config",
@@ -157,5 +158,5 @@ def refuse_changes_on_resume(command: str, stored: cfg.Config, overrides: dict, 
     if typed:
         raise cfg.ConfigError(
             f"{command} goes on with the run's stored config; it takes no {', '.join(typed)} (only the executor's "
-            "--executor, --workers, --gpus, --runs-per-gpu and --run.* settings may change). To change the config, "
+            "--executor, --workers, --gpus, --runs-per-gpu and --executor.* settings may change). To change the config, "
             "start a new run.")

@@ -6,10 +6,12 @@ picks (``set_defaults(handler=...)``); ``main`` parses the line and calls that h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = (_overrides(rest) + ([f"results_dir={args.results_dir}"] if args.results_dir else [])
                  + _executor_overrides(args))
     try:
-        return args.handler(args, overrides) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+            return args.handler(args, overrides) or 0
     # Bad input of every kind (config, data, store, checkpoint, plan) raises one of these with a
     # message that says what to do; anything else is a bug and keeps its traceback.
     except BrokenPipeError:  # `biotune runs | head`: the reader has what it wanted
@@ -57,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("biotune: interrupted; finished evaluations are kept in the run store", file=sys.stderr)
         return 130
+
+
+def _show_warning(show, message, category, *where, **options) -> None:
+    """A config key under its old name in one line, as the CLI's errors; other warnings as ``show`` does."""
+    if issubclass(category, cfg.DeprecatedKey):
+        print(f"biotune: warning: {message}", file=sys.stderr)
+    else:
+        show(message, category, *where, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,14 +122,15 @@ def _print_table(frame: pd.DataFrame) -> None:
 
 
 def _add_executor_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--executor", choices=cfg.CHOICES["run.executor"],
-                        help="where training runs execute (default serial); same as --run.executor")
-    parser.add_argument("--workers", type=int, metavar="N", help="training runs at once; same as --run.workers")
+    parser.add_argument("--executor", choices=cfg.CHOICES["executor.kind"],
+                        help="where training runs execute (default serial); same as --executor.kind")
+    parser.add_argument("--workers", type=int, metavar="N", help="training runs at once; same as --executor.workers")
     parser.add_argument("--gpus", type=_gpu_list, metavar="0,1,...",
                         help="GPUs the training runs go to, one worker pinned to each (default: every visible GPU; "
-                             "'all' resets a stored choice); same as --run.gpus")
+                             "'all' resets a stored choice); same as --executor.gpus")
     parser.add_argument("--runs-per-gpu", type=int, metavar="N",
-                        help="training runs sharing each GPU, each held to 1/N of its memory; same as --run.runs_per_gpu")
+                        help="training runs sharing each GPU, each held to 1/N of its memory; "
+                             "same as --executor.runs_per_gpu")
 
 
 def _gpu_list(text: str) -> str:
@@ -133,13 +146,13 @@ def _gpu_list(text: str) -> str:
 def _executor_overrides(args) -> list[str]:
     pairs = []
     if getattr(args, "executor", None):
-        pairs.append(f"run.executor={args.executor}")
+        pairs.append(f"executor.kind={args.executor}")
     if getattr(args, "workers", None) is not None:
-        pairs.append(f"run.workers={args.workers}")
+        pairs.append(f"executor.workers={args.workers}")
     if getattr(args, "gpus", None) is not None:
-        pairs.append(f"run.gpus={args.gpus}")
+        pairs.append(f"executor.gpus={args.gpus}")
     if getattr(args, "runs_per_gpu", None) is not None:
-        pairs.append(f"run.runs_per_gpu={args.runs_per_gpu}")
+        pairs.append(f"executor.runs_per_gpu={args.runs_per_gpu}")
     return pairs
 
 
@@ -285,7 +298,7 @@ def _add_final(sub) -> None:
     _add_executor_options(final)
 
 
-def _final(args, overrides: list[str]) -> None:  # the stored config, with other run.* settings only
+def _final(args, overrides: list[str]) -> None:  # the stored config, with other executor.* settings only
     _print_table(experiment.final(args.run_id, store=args.store, progress=_progress(args), overrides=overrides))
 
 

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -33,7 +34,7 @@ SearcherName = Literal["biotune", "random", "tpe", "cmaes"]
 FinalSelection = Literal["best_so_far", "rescore_top_k"]
 FitnessValidation = Literal["fold", "whole"]
 Breeding = Literal["steady", "generational"]
-ExecutorName = Literal["serial", "process", "ray"]
+ExecutorKind = Literal["serial", "process", "ray"]
 StoreAt = Literal["native", "input"]
 Device = Annotated[str, Strict(), Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")]
 Amp = Literal["auto", True, False]  # "auto": the model's measured precision (models.py)
@@ -132,12 +133,12 @@ class GAConfig:
 
 
 @dataclass
-class RunConfig:
+class ExecutorConfig:
     """Where training runs execute (biotune/executors.py). Results do not depend on it, so it
     may change on ``--resume`` and is not part of the config a finished row is reused by."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
-    executor: ExecutorName = "serial"
+    kind: ExecutorKind = "serial"
     workers: Count = 1  # training runs at once (process, ray)
     gpus_per_run: NonNegative = 0.0  # ray: GPUs each training run asks for; 0.25 packs four on one GPU
     # GPU placement (biotune/gpus.py): the GPUs runs go to (torch indices; None: every visible
@@ -156,7 +157,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ga: GAConfig = field(default_factory=GAConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     results_dir: Text = "results"
     store: Text | None = None  # SQLite file; None: <results_dir>/runs.sqlite
 
@@ -171,13 +172,13 @@ class Config:
 CHOICES = {"data.store_at": get_args(StoreAt), "train.frozen_bn": get_args(FrozenBN), "ga.fitness": get_args(Fitness),
            "ga.encoding": get_args(Encoding), "ga.ga_variant": get_args(GAVariant),
            "ga.searcher": get_args(SearcherName), "ga.final_selection": get_args(FinalSelection), "ga.fitness_val": get_args(FitnessValidation),
-           "ga.breeding": get_args(Breeding), "run.executor": get_args(ExecutorName)}
+           "ga.breeding": get_args(Breeding), "executor.kind": get_args(ExecutorKind)}
 
 # Presets override the defaults (which are the paper's recipe). The cpu values were chosen so a
 # whole cpu run (search + final for BioTune, full fine-tuning and linear probing) on one dataset
 # takes about an hour on 2 cores; `make bench` measures the time per evaluation.
 PRESETS: dict[str, dict] = {
-    "paper": {"run": {"require_gpu": True}},  # days on a CPU: only with --train.device cpu
+    "paper": {"executor": {"require_gpu": True}},  # days on a CPU: only with --train.device cpu
     "cpu": {
         "data": {"image_size": 64, "max_train": 4000, "max_val": 1000, "max_test": 2000, "store_at": "input"},
         "train": {"max_epochs": 6, "patience": 2, "batch_size": 64, "eval_batch_size": 256,
@@ -213,6 +214,10 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
 
 
+class DeprecatedKey(FutureWarning):
+    """A config key under an old name, read under its new one (the message names it)."""
+
+
 def _merge_section(target: Any, updates: dict, where: str) -> None:
     valid = {f.name for f in fields(target)}
     for key, value in updates.items():
@@ -223,12 +228,44 @@ def _merge_section(target: Any, updates: dict, where: str) -> None:
         setattr(target, key, copy.deepcopy(value))
 
 
-def merge(config: Config, updates: dict, source: str) -> Config:
+# The executor's settings were the section ``run`` (issue 22: "run" meant five things), its kind
+# ``run.executor``; stores written then keep that spelling, and users' files and flags may too.
+OLD_SECTION, NEW_SECTION = "run", "executor"
+OLD_KEYS = {"executor": "kind"}  # run.executor -> executor.kind; any other run.X -> executor.X
+
+
+def renamed(updates: dict | None, source: str, *, warn: bool = True) -> dict | None:
+    """``updates`` with the old section ``run`` read as ``executor``. ``warn``: each old key a user
+    typed warns (FutureWarning) with its new spelling; a stored config is translated silently."""
+    if not isinstance(updates, dict) or OLD_SECTION not in updates:
+        return updates
+    updates = dict(updates)
+    old = updates.pop(OLD_SECTION)
+    if not isinstance(old, dict):
+        raise ConfigError(f"{source}: [{OLD_SECTION}] (now [{NEW_SECTION}]) must be a mapping of keys, got {old!r}")
+    names = {key: OLD_KEYS.get(key, key) for key in old}  # old key -> new key
+    if warn:
+        moves = [(f"key {OLD_SECTION}.{key}", f"{NEW_SECTION}.{new}") for key, new in names.items()]
+        for was, now in moves or [(f"section {OLD_SECTION}", NEW_SECTION)]:
+            warnings.warn(f"{source}: config {was} is deprecated; use {now}", DeprecatedKey, stacklevel=3)
+    given = updates.get(NEW_SECTION, {})
+    if isinstance(given, dict):  # (anything else is refused by merge)
+        twice = [key for key in old if names[key] in given]
+        if twice:
+            raise ConfigError(f"{source}: {NEW_SECTION}.{names[twice[0]]} is given twice, also as its old "
+                              f"{OLD_SECTION}.{twice[0]}; keep {NEW_SECTION}.{names[twice[0]]} only")
+        updates[NEW_SECTION] = {**{names[key]: value for key, value in old.items()}, **given}
+    return updates
+
+
+def merge(config: Config, updates: dict, source: str, *, stored: bool = False) -> Config:
     """Apply a nested dict of updates; unknown sections or keys raise ConfigError.
 
     A layer that names another dataset without giving its options drops the options merged so
-    far: they belong to the previous dataset (the smoke preset's synthetic sizes, say).
+    far: they belong to the previous dataset (the smoke preset's synthetic sizes, say). Old
+    spellings are read under their new names (``renamed``; ``stored``: without a warning).
     """
+    updates = renamed(updates, source, warn=not stored)
     sections = {f.name for f in fields(Config) if dataclasses.is_dataclass(getattr(config, f.name))}
     top = {f.name for f in fields(Config)} - sections
     data = (updates or {}).get("data")
@@ -335,7 +372,7 @@ def from_dict(values: dict) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. a stored run's config)."""
     values = copy.deepcopy(values)
     config = Config(preset=values.pop("preset", "paper"))
-    merge(config, values, "stored config")
+    merge(config, values, "stored config", stored=True)
     return validate(config)
 
 
@@ -357,40 +394,44 @@ def validate(config: Config) -> Config:
     ga = checked.ga
     if ga.elites >= ga.population:
         raise ConfigError(f"ga.elites must be >= 0 and smaller than ga.population ({ga.population}), got {ga.elites}")
-    if checked.run.workers > 1 and checked.run.executor == "serial":
-        raise ConfigError(f"run.workers={checked.run.workers} with run.executor=serial runs one training run at a "
+    executor = checked.executor
+    if executor.workers > 1 and executor.kind == "serial":
+        raise ConfigError(f"executor.workers={executor.workers} with executor.kind=serial runs one training run at a "
                           "time; add --executor process (this machine) or --executor ray")
-    if checked.run.gpus_per_run and checked.run.executor != "ray":
-        raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} needs run.executor=ray (Ray gives each "
+    if executor.gpus_per_run and executor.kind != "ray":
+        raise ConfigError(f"executor.gpus_per_run={executor.gpus_per_run} needs executor.kind=ray (Ray gives each "
                           "training run its share of a GPU); the serial and process executors place runs with "
-                          "run.gpus and run.runs_per_gpu")
-    if checked.run.gpus_per_run and checked.train.device not in ("auto", "cuda"):
-        raise ConfigError(f"run.gpus_per_run={checked.run.gpus_per_run} with train.device={checked.train.device}: "
+                          "executor.gpus and executor.runs_per_gpu")
+    if executor.gpus_per_run and checked.train.device not in ("auto", "cuda"):
+        raise ConfigError(f"executor.gpus_per_run={executor.gpus_per_run} with train.device={checked.train.device}: "
                           "each Ray task trains on the GPU Ray assigns it; set train.device=auto or cuda, or "
-                          "run.gpus_per_run=0")
-    _check_gpu_placement(checked.run, checked.train)
+                          "executor.gpus_per_run=0")
+    _check_gpu_placement(executor, checked.train)
     if Path(checked.results_dir).exists() and not Path(checked.results_dir).is_dir():
         raise ConfigError(f"results_dir={checked.results_dir!r} is a file; run folders need a folder "
                           "(pass --results-dir DIR)")
     return checked
 
 
-def _check_gpu_placement(run: RunConfig, train: TrainConfig) -> None:
+def _check_gpu_placement(executor: ExecutorConfig, train: TrainConfig) -> None:
     """What contradicts itself before any GPU is looked at; gpus.places checks the rest against
     the GPUs this machine has."""
-    if run.gpus is not None and len(set(run.gpus)) < len(run.gpus):
-        raise ConfigError(f"run.gpus={run.gpus} names a GPU twice; to put several runs on one GPU, use "
-                          "run.runs_per_gpu (--runs-per-gpu N)")
-    if (run.gpus is not None or run.runs_per_gpu > 1) and train.device in ("cpu", "mps"):
-        raise ConfigError(f"run.gpus={run.gpus} and run.runs_per_gpu={run.runs_per_gpu} place training runs on "
-                          f"GPUs, but train.device={train.device}; drop them, or set train.device=auto or cuda")
+    if executor.gpus is not None and len(set(executor.gpus)) < len(executor.gpus):
+        raise ConfigError(f"executor.gpus={executor.gpus} names a GPU twice; to put several runs on one GPU, use "
+                          "executor.runs_per_gpu (--runs-per-gpu N)")
+    if (executor.gpus is not None or executor.runs_per_gpu > 1) and train.device in ("cpu", "mps"):
+        raise ConfigError(f"executor.gpus={executor.gpus} and executor.runs_per_gpu={executor.runs_per_gpu} place "
+                          f"training runs on GPUs, but train.device={train.device}; drop them, or set train.device=auto "
+                          "or cuda")
     pinned = re.fullmatch(r"cuda:(\d+)", train.device)
-    if pinned and run.gpus is not None and run.gpus != [int(pinned[1])]:
-        raise ConfigError(f"train.device={train.device} pins every run to GPU {pinned[1]}, but run.gpus={run.gpus}; "
-                          "set train.device=cuda (or auto) to spread runs over run.gpus")
-    if run.gpus_per_run and run.runs_per_gpu > 1:
-        raise ConfigError(f"run.gpus_per_run={run.gpus_per_run} and run.runs_per_gpu={run.runs_per_gpu} both say "
-                          "how much of a GPU a Ray run takes; give one of them")
+    if pinned and executor.gpus is not None and executor.gpus != [int(pinned[1])]:
+        raise ConfigError(f"train.device={train.device} pins every run to GPU {pinned[1]}, but "
+                          f"executor.gpus={executor.gpus}; set train.device=cuda (or auto) to spread runs over "
+                          "executor.gpus")
+    if executor.gpus_per_run and executor.runs_per_gpu > 1:
+        raise ConfigError(f"executor.gpus_per_run={executor.gpus_per_run} and "
+                          f"executor.runs_per_gpu={executor.runs_per_gpu} both say how much of a GPU a Ray run takes; "
+                          "give one of them")
 
 
 def _expected(problem: dict) -> str:

@@ -1,4 +1,4 @@
-"""Where training runs execute (``run.executor``): this process, local worker processes, or Ray.
+"""Where training runs execute (``executor.kind``): this process, local worker processes, or Ray.
 
 Searches, the final protocol and experiment rows hand their training runs to ``Executor.map``
 and read each result as it finishes; no other file knows which executor runs them. The rules
@@ -10,13 +10,13 @@ every executor keeps:
   ``TaskFailure`` and the other calls go on.
 - Out of GPU memory is never a result (it would become a fitness): the process frees its cache
   before the retry, and a second time stops the ``map`` with ``OutOfGPUMemoryError``.
-- Each worker process is pinned to the GPU ``gpus.places`` gives it, ``run.runs_per_gpu`` per GPU.
+- Each worker process is pinned to the GPU ``gpus.places`` gives it, ``executor.runs_per_gpu`` per GPU.
 - A worker process keeps the shared input of the latest calls (by its ``token``, where it has
   one), so what a call builds on it serves the calls after it (a search's prefix cache).
 - Workers return plain results; only the caller writes the run store (SQLite has one writer).
 - Results do not depend on the executor: a training run depends on its inputs, seed and threads.
 
-Ray is imported only for ``run.executor = ray``. A Ray task that asks for a GPU runs in a worker
+Ray is imported only for ``executor.kind = ray``. A Ray task that asks for a GPU runs in a worker
 that exits after it (``max_calls=1``: its CUDA memory goes back to the device); CPU tasks reuse
 their workers.
 """
@@ -33,7 +33,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from . import gpus
-from .config import ConfigError, RunConfig, TrainConfig
+from .config import ConfigError, ExecutorConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +62,29 @@ class TaskFailure:
         return f"failed after {ATTEMPTS} attempts: {self.error}"
 
 
-def threads_per_run(run: RunConfig, train: TrainConfig) -> int:
+def threads_per_run(executor: ExecutorConfig, train: TrainConfig) -> int:
     """Torch CPU threads of one training run: ``train.num_threads``, else this machine's cores
     shared among the runs that go at once (one run: all of them)."""
-    return train.num_threads or max(1, (os.cpu_count() or 1) // run.workers)
+    return train.num_threads or max(1, (os.cpu_count() or 1) // executor.workers)
 
 
-def make_executor(run: RunConfig, train: TrainConfig) -> Executor:
-    """The executor ``run`` asks for, its runs placed on GPUs (gpus.py); a device or placement
+def make_executor(executor: ExecutorConfig, train: TrainConfig) -> Executor:
+    """The executor the settings ask for, its runs placed on GPUs (gpus.py); a device or placement
     this machine cannot give fails here, before anything trains."""
-    places = gpus.places(run, train) if run.executor != "ray" else []
+    places = gpus.places(executor, train) if executor.kind != "ray" else []
     if places:
         log.info("training runs on GPU(s) %s, %s", ", ".join(dict.fromkeys(slot.gpu for slot in places)),
                  "the whole memory each" if places[0].share == 1 else f"{places[0].share:.3g} of the memory each")
-    if run.executor == "serial":
+    if executor.kind == "serial":
         return SerialExecutor(places[0] if places else None)
-    threads = threads_per_run(run, train)
-    log.info("%s executor: %d training runs at once, %d torch threads each%s", run.executor, run.workers, threads,
-             "" if train.num_threads else " (train.num_threads unset: cores / workers; a run's floats depend on "
-             "its threads, so compare with a serial run on as many threads)")
-    if run.executor == "process":
-        return ProcessExecutor(workers=run.workers, threads=threads, places=places or None)
-    return RayExecutor(workers=run.workers, threads=threads, gpu_indices=run.gpus,
-                       gpus_per_run=functools.partial(gpus.ray_gpus_per_run, run, train))
+    threads = threads_per_run(executor, train)
+    log.info("%s executor: %d training runs at once, %d torch threads each%s", executor.kind, executor.workers,
+             threads, "" if train.num_threads else " (train.num_threads unset: cores / workers; a run's floats "
+             "depend on its threads, so compare with a serial run on as many threads)")
+    if executor.kind == "process":
+        return ProcessExecutor(workers=executor.workers, threads=threads, places=places or None)
+    return RayExecutor(workers=executor.workers, threads=threads, gpu_indices=executor.gpus,
+                       gpus_per_run=functools.partial(gpus.ray_gpus_per_run, executor, train))
 
 
 class Executor:
@@ -324,12 +324,13 @@ class RayExecutor(Executor):
         try:
             import ray
         except ImportError as error:
-            raise ConfigError(f"run.executor=ray needs Ray ({error}): pip install -c constraints.txt -e '.[ray]'") from None
+            raise ConfigError(f"executor.kind=ray needs Ray ({error}): pip install -c constraints.txt -e '.[ray]'") from None
         self.ray, self.workers, self.threads = ray, workers, threads
         if gpu_indices is not None and (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
-            raise ConfigError(f"run.gpus={gpu_indices} picks GPUs of this machine for a Ray started here, but a Ray cluster "
-                              "is already up (RAY_ADDRESS or ray.init in this process) and places its tasks itself: "
-                              "leave run.gpus unset (run.runs_per_gpu or run.gpus_per_run set each run's share)")
+            raise ConfigError(f"executor.gpus={gpu_indices} picks GPUs of this machine for a Ray started here, but a "
+                              "Ray cluster is already up (RAY_ADDRESS or ray.init in this process) and places its "
+                              "tasks itself: leave executor.gpus unset (executor.runs_per_gpu or "
+                              "executor.gpus_per_run set each run's share)")
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(log_to_driver=True)
@@ -341,10 +342,10 @@ class RayExecutor(Executor):
         self.gpus_per_run = gpus_per_run
         if not any(gpus_per_run <= node.get("GPU", 0) and threads <= node.get("CPU", 0) for node in nodes):
             largest = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), default={})
-            raise ConfigError(f"each training run asks for {gpus_per_run:g} GPUs (run.gpus_per_run) and {threads} CPUs "
+            raise ConfigError(f"each training run asks for {gpus_per_run:g} GPUs (executor.gpus_per_run) and {threads} CPUs "
                               f"(its torch threads), but no node of this Ray cluster has them (the largest: "
                               f"{largest.get('GPU', 0):g} GPUs, {largest.get('CPU', 0):g} CPUs): the runs would wait "
-                              "forever. Lower run.gpus_per_run or train.num_threads, or start a node that has them "
+                              "forever. Lower executor.gpus_per_run or train.num_threads, or start a node that has them "
                               "(an autoscaling cluster: start one before the search)")
         self.task = ray.remote(num_cpus=threads, num_gpus=gpus_per_run, max_retries=ATTEMPTS - 1,
                                retry_exceptions=True, max_calls=1 if gpus_per_run else 0)(_ray_call)

@@ -24,9 +24,9 @@ from .bookkeeping import (
     refuse_changes_on_resume,
     resumed_config,
     run_dir,
-    split_run_settings,
+    split_executor_settings,
     start_run,
-    with_run_settings,
+    with_executor_settings,
 )
 from .data import check_batch_fits, load_dataset, make_folds
 from .executors import TaskFailure, TrainingFailedError, make_executor
@@ -60,7 +60,7 @@ def load_data(config: cfg.Config):
 def load_inputs(config: cfg.Config):
     """The dataset (stored for the model's input) and the pretrained model with its new head.
     A preset that needs a GPU and finds none stops here, before the data loads."""
-    training_device(config.run, config.train)
+    training_device(config.executor, config.train)
     dataset = load_data(config)
     model = create_model(config.model.name, dataset.num_classes, weights=config.model.weights,
                          allow_download=config.model.allow_download)
@@ -140,7 +140,7 @@ def prepare_search(config: cfg.Config, store: RunStore, run_id: str | None = Non
     model, dataset = load_inputs(config)
     folds = make_folds(dataset.train.labels, dataset.val.labels, config.ga.train_split,
                        seed=config.data.split_seed, whole_val=config.ga.fitness_val == "whole")
-    executor = make_executor(config.run, config.train)
+    executor = make_executor(config.executor, config.train)
     try:
         evaluator = Evaluator(model=model, dataset=dataset, folds=folds, config=config, store=store,
                               run_id=run_id or new_run_id(config.ga.searcher, config.data.dataset),
@@ -157,13 +157,13 @@ def prepare_search(config: cfg.Config, store: RunStore, run_id: str | None = Non
 
 def prepare_resumed_search(run_id: str, store: str | Path | None, overrides=None, *, progress: bool = True,
                            **given) -> PreparedSearch:
-    """A stored search taken up again with its stored config: only ``run.*`` overrides, anything
-    else ``given`` (dataset, model, preset, config_file) is refused. The failed evaluations it
-    stopped on are dropped, to be trained again."""
+    """A stored search taken up again with its stored config: only ``executor.*`` overrides,
+    anything else ``given`` (dataset, model, preset, config_file) is refused. The failed
+    evaluations it stopped on are dropped, to be trained again."""
     config, store_obj = resumed_config(run_id, store)
-    run_settings, other = split_run_settings(overrides)
+    settings, other = split_executor_settings(overrides)
     refuse_changes_on_resume(f"--resume {run_id}", config, other, **given)
-    config = with_run_settings(config, run_settings)
+    config = with_executor_settings(config, settings)
     retrained = store_obj.drop_trailing_failures(run_id)
     if retrained:
         log.info("run %s: the %d failed evaluations it stopped on are trained again", run_id, retrained)
@@ -272,7 +272,7 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
     table, so the grid's cost is counted. Rows already in the store are kept, so an interrupted
     final protocol resumes too. ``inputs`` is ``load_inputs(config)``, loaded by the caller
     before the run exists, so bad data leaves no run behind. The settings and seeds go through
-    the run's executor (``run.executor``); each row is stored as it finishes. A setting and seed
+    the run's executor (``executor.kind``); each row is stored as it finishes. A setting and seed
     whose training raised twice is not stored: the protocol raises ``TrainingFailedError`` after
     the others (a baseline run is then not marked finished), and the next call trains only what
     is missing.
@@ -284,7 +284,7 @@ def final_protocol(config: cfg.Config, inputs: tuple, store: RunStore, run_id: s
     todo = [(key, setting, seed) for setting in grid for seed in config.train.seeds
             if (key := json.dumps(setting, sort_keys=True), seed) not in done]
     failures = []
-    with make_executor(config.run, config.train) as executor:
+    with make_executor(config.executor, config.train) as executor:
         calls = [(make_method, setting, seed, progress and executor.in_process) for _, setting, seed in todo]
         shared = executor.share((model, dataset, config.train))
         with contextlib.closing(executor.map(final_run, calls, shared)) as finished:
@@ -332,8 +332,8 @@ def final_run(shared: tuple, make_method, setting: dict, seed: int, progress: bo
 def final(run_id: str, *, store: str | Path | None = None, progress: bool = True,
           overrides: list[str] | dict | None = None) -> pd.DataFrame:
     """Final protocol for a finished search: retrain its best genome per seed, test it.
-    ``overrides`` may set the executor only (``run.executor``, ``run.workers``, ...)."""
-    run_settings, other = split_run_settings(overrides)
+    ``overrides`` may set the executor only (``executor.kind``, ``executor.workers``, ...)."""
+    settings, other = split_executor_settings(overrides)
     store_obj = RunStore(store)
     run = store_obj.run(run_id)
     refuse_changes_on_resume(f"final {run_id}", cfg.from_dict(run["config"]), other)
@@ -342,7 +342,7 @@ def final(run_id: str, *, store: str | Path | None = None, progress: bool = True
     if run["status"] != "finished":
         raise ValueError(f"run {run_id} is {run['status']}, not finished; resume it first: "
                          f"biotune search --resume {run_id}")
-    config = with_run_settings(cfg.from_dict(run["config"]), run_settings)
+    config = with_executor_settings(cfg.from_dict(run["config"]), settings)
     genes = run["result"]["best_genes"]
 
     best_genome = functools.partial(PlanMethod, genes, config.ga.encoding)
@@ -401,9 +401,9 @@ def demo(preset: str = "demo", *, store: str | Path | None = None, progress: boo
          overrides: list[str] | dict | None = None) -> tuple[pd.DataFrame, Path]:
     """A small search on the embedded default, then BioTune, full fine-tuning and linear probing
     through the final protocol; returns the comparison table and the search's run folder.
-    ``overrides`` apply to every run (e.g. ``{"run.executor": "ray", "run.workers": 2}``)."""
+    ``overrides`` apply to every run (e.g. ``{"executor.kind": "ray", "executor.workers": 2}``)."""
     result = search(preset=preset, store=store, progress=progress, overrides=overrides)
-    final(result.run_id, store=store, progress=progress, overrides={"run": split_run_settings(overrides)[0]})
+    final(result.run_id, store=store, progress=progress, overrides={"executor": split_executor_settings(overrides)[0]})
     baselines = [run_baseline(method, preset=preset, store=store, progress=progress, overrides=overrides)[0]
                  for method in ("full", "linear_probe")]
     table = compare([result.run_id, *baselines], store=store)

@@ -129,7 +129,7 @@ class Evaluator:
         self.use_cache = config.ga.cache and config.ga.ga_variant == "improved"
         self.pruner = Pruner(config.ga) if config.ga.prune else None
         self.failed_in_a_row = 0
-        if config.run.executor != "ray":  # a device this machine lacks fails here, not in every run
+        if config.executor.kind != "ray":  # a device this machine lacks fails here, not in every run
             resolve_device(config.train.device)
         self.executor = executor or SerialExecutor()
         self.inputs = self.executor.share(FitnessInputs(model, dataset, folds, config.train))

@@ -1,8 +1,8 @@
 """Which GPU a training run uses and how much of its memory: the executors' placement policy.
 
-``places`` tells an executor (executors.py) where its runs go: ``run.workers`` runs at once
-(one for the serial executor), round robin over ``run.gpus`` (every visible GPU when unset), at
-most ``run.runs_per_gpu`` on each. A worker process is pinned to its GPU before CUDA starts
+``places`` tells an executor (executors.py) where its runs go: ``executor.workers`` runs at
+once (one for the serial executor), round robin over ``executor.gpus`` (every visible GPU when
+unset), at most ``executor.runs_per_gpu`` on each. A worker process is pinned to its GPU before CUDA starts
 (``CUDA_VISIBLE_DEVICES``: it sees that GPU alone, as cuda:0); serial runs take the first GPU in
 this process. Runs sharing a GPU each get 1/runs_per_gpu of its memory as a hard ceiling
 (``torch.cuda.set_per_process_memory_fraction``), and ``device_memory_budget`` tells code that
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig, TrainConfig
+from .config import ConfigError, ExecutorConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,45 +103,45 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def training_device(run: RunConfig, train: TrainConfig) -> torch.device:
-    """The device runs of this config train on here; refuses the CPU where ``run.require_gpu``
+def training_device(executor: ExecutorConfig, train: TrainConfig) -> torch.device:
+    """The device runs of this config train on here; refuses the CPU where ``executor.require_gpu``
     (the paper preset) and ``train.device=auto`` found no GPU: days of CPU by accident."""
     device = resolve_device(train.device)
-    if device.type == "cpu" and train.device == "auto" and run.require_gpu:
+    if device.type == "cpu" and train.device == "auto" and executor.require_gpu:
         raise ConfigError(_refusal(_unusable_nvidia_gpu() or "torch sees no CUDA GPU here"))
     return device
 
 
 def _refusal(why: str) -> str:
-    return (f"this preset trains on a GPU (run.require_gpu=true; the paper preset takes days on a CPU), but "
+    return (f"this preset trains on a GPU (executor.require_gpu=true; the paper preset takes days on a CPU), but "
             f"train.device=auto found none: {why}. Run it where torch sees a GPU (an NVIDIA GPU it cannot use "
             f"needs the torch build for its driver: {DOCS}), or run on the CPU on purpose with --train.device cpu")
 
 
-def places(run: RunConfig, train: TrainConfig) -> list[Slot]:
-    """Where the serial or process executor's runs go: ``run.workers`` places (one for serial)
-    round robin over the GPUs asked for, ``run.runs_per_gpu`` on each, each with 1/runs_per_gpu
-    of the memory (of this process's own share, where it has one). Empty where runs train on the
+def places(executor: ExecutorConfig, train: TrainConfig) -> list[Slot]:
+    """Where the serial or process executor's runs go: ``executor.workers`` places (one for
+    serial) round robin over the GPUs asked for, ``executor.runs_per_gpu`` on each, each with
+    1/runs_per_gpu of the memory (of this process's own share, where it has one). Empty where runs train on the
     CPU. Fails, before anything trains, where the GPUs asked for cannot hold the runs."""
-    device = training_device(run, train)
+    device = training_device(executor, train)
     if device.type != "cuda":
-        if run.gpus is not None or run.runs_per_gpu > 1:
-            raise ConfigError(f"run.gpus={run.gpus} and run.runs_per_gpu={run.runs_per_gpu} place training runs on "
-                              f"GPUs, but they train on {device} here (train.device={train.device}); drop --gpus and "
-                              "--runs-per-gpu, or train on a GPU")
+        if executor.gpus is not None or executor.runs_per_gpu > 1:
+            raise ConfigError(f"executor.gpus={executor.gpus} and executor.runs_per_gpu={executor.runs_per_gpu} place "
+                              f"training runs on GPUs, but they train on {device} here (train.device={train.device}); "
+                              "drop --gpus and --runs-per-gpu, or train on a GPU")
         return []
-    asked = run.gpus if run.gpus is not None else [device.index] if device.index is not None else \
+    asked = executor.gpus if executor.gpus is not None else [device.index] if device.index is not None else \
         list(range(torch.cuda.device_count()))
     ids = physical_ids(asked)
-    at_once = 1 if run.executor == "serial" else run.workers
-    room = len(asked) * run.runs_per_gpu
+    at_once = 1 if executor.kind == "serial" else executor.workers
+    room = len(asked) * executor.runs_per_gpu
     if at_once > room:
         per_gpu = math.ceil(at_once / len(asked))
-        raise ConfigError(f"run.workers={at_once} training runs at once, but {len(asked)} GPU(s) x "
-                          f"run.runs_per_gpu={run.runs_per_gpu} hold {room}: pass --runs-per-gpu {per_gpu} (each run "
-                          f"then gets 1/{per_gpu} of a GPU's memory), more GPUs (--gpus), or --workers {room}")
-    share = (_here.share if _here is not None else 1.0) / run.runs_per_gpu
-    order = [position for _ in range(run.runs_per_gpu) for position in range(len(asked))][:at_once]
+        raise ConfigError(f"executor.workers={at_once} training runs at once, but {len(asked)} GPU(s) x "
+                          f"executor.runs_per_gpu={executor.runs_per_gpu} hold {room}: pass --runs-per-gpu {per_gpu} "
+                          f"(each run then gets 1/{per_gpu} of a GPU's memory), more GPUs (--gpus), or --workers {room}")
+    share = (_here.share if _here is not None else 1.0) / executor.runs_per_gpu
+    order = [position for _ in range(executor.runs_per_gpu) for position in range(len(asked))][:at_once]
     return [Slot(ids[position], asked[position], share) for position in order]
 
 
@@ -152,8 +152,9 @@ def physical_ids(asked: list[int]) -> list[str]:
     missing = [index for index in asked if index >= visible]
     if missing:
         where = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in os.environ else ""
-        raise ConfigError(f"run.gpus={asked}: there is no GPU {missing[0]} here; torch sees {visible} GPU(s){where}, "
-                          f"indices 0-{visible - 1}: pick among them, or take all of them (--gpus all: run.gpus unset)")
+        raise ConfigError(f"executor.gpus={asked}: there is no GPU {missing[0]} here; torch sees {visible} "
+                          f"GPU(s){where}, indices 0-{visible - 1}: pick among them, or take all of them "
+                          "(--gpus all: executor.gpus unset)")
     named = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
     return [named[index] if index < len(named) else str(index) for index in asked]
 
@@ -165,18 +166,18 @@ def runs_per_gpu_for(jobs: int, gpus: list[int] | None) -> int:
     return math.ceil(jobs / count) if count else 1
 
 
-def ray_gpus_per_run(run: RunConfig, train: TrainConfig, cluster_gpus: float) -> float:
-    """GPUs each Ray task asks for: ``run.gpus_per_run``, else 1/runs_per_gpu where the runs may
-    use a GPU and the cluster has one. Refuses what cannot be met (the CPU where
-    ``run.require_gpu``; runs per GPU without a GPU), as ``training_device`` does for this machine."""
-    if run.gpus_per_run or train.device not in ("auto", "cuda"):
-        return run.gpus_per_run
+def ray_gpus_per_run(executor: ExecutorConfig, train: TrainConfig, cluster_gpus: float) -> float:
+    """GPUs each Ray task asks for: ``executor.gpus_per_run``, else 1/runs_per_gpu where the runs
+    may use a GPU and the cluster has one. Refuses what cannot be met (the CPU where
+    ``executor.require_gpu``; runs per GPU without a GPU), as ``training_device`` does here."""
+    if executor.gpus_per_run or train.device not in ("auto", "cuda"):
+        return executor.gpus_per_run
     if cluster_gpus:
-        return 1 / run.runs_per_gpu
-    if run.runs_per_gpu > 1:
-        raise ConfigError(f"run.runs_per_gpu={run.runs_per_gpu}, but no node of this Ray cluster has a GPU; "
-                          "drop --runs-per-gpu or start a node with GPUs")
-    if run.require_gpu and train.device == "auto":
+        return 1 / executor.runs_per_gpu
+    if executor.runs_per_gpu > 1:
+        raise ConfigError(f"executor.runs_per_gpu={executor.runs_per_gpu}, but no node of this Ray cluster has a "
+                          "GPU; drop --runs-per-gpu or start a node with GPUs")
+    if executor.require_gpu and train.device == "auto":
         raise ConfigError(_refusal("no node of this Ray cluster has a GPU"))
     return 0.0
 

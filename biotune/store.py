@@ -82,10 +82,11 @@ JSON_COLUMNS = ("genes", "trained", "multipliers", "per_seed")
 # version is not reused (1: before it was recorded; 2: images resized in float32 on every device).
 RESULTS_VERSION = 2
 # Where a run is written or executed, not what it computes: a search made on a GPU box is reused
-# on a laptop, whatever the data folder or thread count.
+# on a laptop, whatever the data folder or thread count. data.store_at: the same float resize
+# either way; executor: where training runs execute (stored before as run, which a study's
+# overrides may still say: both are ignored, so old and new configs keep one identity).
 REUSE_IGNORES = ("store", "results_dir", "data.root", "data.download", "data.verify", "data.store_at", "data.cache",
-                 "model.allow_download", "train.device", "train.num_threads",
-                 "run")  # data.store_at: the same float resize either way; run: the executor, which does not change results
+                 "model.allow_download", "train.device", "train.num_threads", "executor", "run")
 
 
 class RunNotFoundError(KeyError):

@@ -99,3 +99,21 @@ def test_the_help_lists_the_registered_names(capsys):
         text = " ".join(capsys.readouterr().out.split())
         names = row_methods() if argv[0] == "study" else list_methods()
         assert all(name in text for name in names), (argv, text)
+
+
+def test_the_executor_flags_set_executor_keys_and_old_run_flags_warn_with_the_new_name(tmp_path, capsys):
+    args, _ = cli.build_parser().parse_known_args(["search", "--executor", "process", "--workers", "2"])
+    assert cli._executor_overrides(args) == ["executor.kind=process", "executor.workers=2"]
+    describe = ["datasets", "describe", "synthetic", "--preset", "smoke", "--data.root", str(tmp_path / "data")]
+    assert cli.main([*describe, "--run.executor", "process", "--run.workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "biotune: warning: override: config key run.executor is deprecated; use executor.kind\n" in err
+    assert "biotune: warning: override: config key run.workers is deprecated; use executor.workers\n" in err
+    assert cli.main([*describe, "--run.workers", "2"]) == 2  # read as executor.workers, and refused as it
+    assert "error: executor.workers=2 with executor.kind=serial" in capsys.readouterr().err
+    # a stored run takes executor settings only, the old spelling too
+    assert cli.main(["--store", str(tmp_path / "s.sqlite"), "final", "nope", "--run.workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "config key run.workers is deprecated; use executor.workers" in err and "no run 'nope'" in err
+    assert cli.main([*describe, "--executor.kind", "process", "--executor.workers", "2"]) == 0
+    assert "deprecated" not in capsys.readouterr().err

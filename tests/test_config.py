@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from biotune import config as cfg
@@ -105,3 +107,75 @@ def test_amp_follows_the_model_unless_forced_and_stored_bools_still_load():
     stored = cfg.resolve("cpu").to_dict()  # a run stored before "auto": amp was a bool
     stored["train"]["amp"] = True
     assert cfg.from_dict(stored).train.amp is True
+
+
+# -- the executor's settings, once the section `run` (issue 22): old spellings still read ------------
+
+PROCESS_X2 = {"kind": "process", "workers": 2}
+
+
+def old_spelling_warnings(record) -> list[str]:
+    return [str(warning.message) for warning in record if issubclass(warning.category, FutureWarning)]
+
+
+@pytest.mark.parametrize("overrides", [{"run.executor": "process", "run.workers": 2},  # dotted keys
+                                       {"run": {"executor": "process", "workers": 2}},  # a Python dict
+                                       ["run.executor=process", "run.workers=2"]])  # as the CLI passes --run.*
+def test_old_run_keys_still_set_the_executor_and_warn_with_the_new_name(overrides):
+    with pytest.warns(FutureWarning) as record:
+        config = cfg.resolve("smoke", overrides=overrides)
+    assert (config.executor.kind, config.executor.workers) == ("process", 2)
+    assert old_spelling_warnings(record) == [
+        "override: config key run.executor is deprecated; use executor.kind",
+        "override: config key run.workers is deprecated; use executor.workers"]
+    assert config == cfg.resolve("smoke", overrides={"executor.kind": "process", "executor.workers": 2})
+
+
+def test_a_yaml_file_with_a_run_section_still_sets_the_executor_and_warns(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("run:\n  executor: process\n  workers: 2\n  runs_per_gpu: 1\n")
+    with pytest.warns(FutureWarning) as record:
+        config = cfg.resolve("smoke", path)
+    assert (config.executor.kind, config.executor.workers) == ("process", 2)
+    assert old_spelling_warnings(record) == [f"{path}: config key run.{old} is deprecated; use executor.{new}" for old, new
+                                             in [("executor", "kind"), ("workers", "workers"), ("runs_per_gpu", "runs_per_gpu")]]
+    path.write_text("run: {}\n")
+    with pytest.warns(FutureWarning, match="config section run is deprecated; use executor"):
+        assert cfg.resolve("smoke", path) == cfg.resolve("smoke")
+
+
+def test_the_new_spelling_warns_nothing_and_a_stored_run_section_loads_silently(recwarn):
+    new = cfg.resolve("cpu", overrides={"executor.kind": "process", "executor.workers": 2})
+    stored = new.to_dict()
+    assert stored["executor"] == {**stored["executor"], **PROCESS_X2} and "run" not in stored
+    stored["run"] = {"executor": stored["executor"].pop("kind"), **stored.pop("executor")}  # as stores before it
+    assert cfg.from_dict(stored) == new
+    assert cfg.from_dict(new.to_dict()) == new
+    assert old_spelling_warnings(recwarn) == []
+
+
+def test_unknown_executor_keys_are_refused_with_the_valid_keys():
+    valid = "valid keys of [executor]: gpus, gpus_per_run, kind, require_gpu, runs_per_gpu, workers"
+    with pytest.raises(cfg.ConfigError, match=rf"unknown config key executor.worker; {re.escape(valid)}"):
+        cfg.resolve("smoke", overrides={"executor.worker": 2})
+    with pytest.raises(cfg.ConfigError, match="unknown config key executor.executor; valid keys of"):
+        cfg.resolve("smoke", overrides={"executor.executor": "process"})  # the old name of kind, under the new section
+    with pytest.warns(FutureWarning), pytest.raises(cfg.ConfigError, match="unknown config key executor.worker;"):
+        cfg.resolve("smoke", overrides={"run.worker": 2})  # a typo under the old name: named as it is read
+    with pytest.raises(cfg.ConfigError, match=r"\[run\] \(now \[executor\]\) must be a mapping"):
+        cfg.resolve("smoke", overrides={"run": 2})
+
+
+def test_a_setting_given_under_both_names_is_refused():
+    with pytest.warns(FutureWarning), pytest.raises(cfg.ConfigError, match="executor.kind is given twice, also as its "
+                                                                         "old run.executor; keep executor.kind only"):
+        cfg.resolve("smoke", overrides={"run.executor": "process", "executor.kind": "serial"})
+    with pytest.warns(FutureWarning):  # different keys in one layer: both apply
+        config = cfg.resolve("smoke", overrides={"run.executor": "process", "executor.workers": 2})
+    assert (config.executor.kind, config.executor.workers) == ("process", 2)
+
+
+def test_the_choices_and_the_paper_preset_use_the_new_names():
+    assert cfg.CHOICES["executor.kind"] == ("serial", "process", "ray") and "run.executor" not in cfg.CHOICES
+    assert cfg.PRESETS["paper"] == {"executor": {"require_gpu": True}}
+    assert cfg.resolve("paper").executor.require_gpu

@@ -127,15 +127,15 @@ def test_a_dead_pool_worker_costs_only_the_runs_that_were_going(tmp_path):
 
 def test_make_executor_follows_the_run_section():
     train = cfg.TrainConfig(num_threads=1)
-    assert isinstance(make_executor(cfg.RunConfig(), train), SerialExecutor)
-    pool = make_executor(cfg.RunConfig(executor="process", workers=2), train)
+    assert isinstance(make_executor(cfg.ExecutorConfig(), train), SerialExecutor)
+    pool = make_executor(cfg.ExecutorConfig(kind="process", workers=2), train)
     assert isinstance(pool, ProcessExecutor) and pool.workers == 2 and pool.threads == 1
 
 
 def test_ray_missing_is_a_clear_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
-    with pytest.raises(cfg.ConfigError, match=r"run.executor=ray needs Ray .*pip install"):
-        make_executor(cfg.RunConfig(executor="ray", workers=2), cfg.TrainConfig())
+    with pytest.raises(cfg.ConfigError, match=r"executor.kind=ray needs Ray .*pip install"):
+        make_executor(cfg.ExecutorConfig(kind="ray", workers=2), cfg.TrainConfig())
 
 
 def test_import_biotune_and_a_serial_search_do_not_import_ray(tmp_path, smoke_config):
@@ -157,7 +157,7 @@ def test_a_search_gives_the_serial_evaluations_with_every_executor(executor, sea
         request.getfixturevalue("local_ray")
     overrides = search_overrides(smoke_config, tmp_path, **{"ga.searcher": searcher})
     serial = run_search(tmp_path, "serial", overrides)
-    parallel = run_search(tmp_path, executor, {**overrides, "run.executor": executor, "run.workers": 2})
+    parallel = run_search(tmp_path, executor, {**overrides, "executor.kind": executor, "executor.workers": 2})
     assert parallel.evaluations[COLUMNS].to_dict("records") == serial.evaluations[COLUMNS].to_dict("records")
     assert parallel.best_genes == serial.best_genes and parallel.best_fitness == serial.best_fitness
     here = f"{socket.gethostname()}:{os.getpid()}"
@@ -192,7 +192,7 @@ def test_a_search_killed_while_ray_tasks_run_resumes_to_the_serial_result(tmp_pa
     with RunStore(store) as db:
         run_id = db.runs()["run_id"].iloc[0]
         assert db.run(run_id)["status"] == "running"  # killed: nothing marked it
-    resumed = biotune.search(resume=run_id, store=store, overrides={"run.executor": "serial"}, progress=False)
+    resumed = biotune.search(resume=run_id, store=store, overrides={"executor.kind": "serial"}, progress=False)
     assert resumed.evaluations[COLUMNS].to_dict("records") == reference.evaluations[COLUMNS].to_dict("records")
     assert resumed.best_genes == reference.best_genes
 
@@ -367,36 +367,36 @@ def test_generational_breeding_spends_the_steady_budget_in_the_scheduled_batches
 # -- configuration and the command line --------------------------------------------------------
 
 
-def test_the_run_section_is_typed_and_checked():
-    with pytest.raises(cfg.ConfigError, match=r"run.workers=0: expected .*greater than or equal to 1"):
-        cfg.resolve("smoke", overrides={"run.workers": 0})
-    with pytest.raises(cfg.ConfigError, match="run.workers=4 with run.executor=serial .* --executor process"):
-        cfg.resolve("smoke", overrides={"run.workers": 4})
-    with pytest.raises(cfg.ConfigError, match="run.executor='dask': choose one of: serial, process, ray"):
-        cfg.resolve("smoke", overrides={"run.executor": "dask"})
-    with pytest.raises(cfg.ConfigError, match="run.gpus_per_run=0.25 needs run.executor=ray"):
-        cfg.resolve("cpu", overrides={"run.gpus_per_run": 0.25})
+def test_the_executor_section_is_typed_and_checked():
+    with pytest.raises(cfg.ConfigError, match=r"executor.workers=0: expected .*greater than or equal to 1"):
+        cfg.resolve("smoke", overrides={"executor.workers": 0})
+    with pytest.raises(cfg.ConfigError, match="executor.workers=4 with executor.kind=serial .* --executor process"):
+        cfg.resolve("smoke", overrides={"executor.workers": 4})
+    with pytest.raises(cfg.ConfigError, match="executor.kind='dask': choose one of: serial, process, ray"):
+        cfg.resolve("smoke", overrides={"executor.kind": "dask"})
+    with pytest.raises(cfg.ConfigError, match="executor.gpus_per_run=0.25 needs executor.kind=ray"):
+        cfg.resolve("cpu", overrides={"executor.gpus_per_run": 0.25})
     with pytest.raises(cfg.ConfigError, match="train.device=cpu"):
-        cfg.resolve("smoke", overrides={"run.executor": "ray", "run.gpus_per_run": 0.25})
-    assert cfg.resolve("cpu", overrides={"run.executor": "ray", "run.gpus_per_run": 0.25}).run.gpus_per_run == 0.25
+        cfg.resolve("smoke", overrides={"executor.kind": "ray", "executor.gpus_per_run": 0.25})
+    assert cfg.resolve("cpu", overrides={"executor.kind": "ray", "executor.gpus_per_run": 0.25}).executor.gpus_per_run == 0.25
 
 
 def test_another_executor_drops_the_stored_settings_it_cannot_use():
-    from biotune.bookkeeping import with_run_settings
+    from biotune.bookkeeping import with_executor_settings
 
-    on_ray = cfg.resolve("cpu", overrides={"run.executor": "ray", "run.workers": 4, "run.gpus_per_run": 0.25})
-    on_pool = with_run_settings(on_ray, {"executor": "process"})
-    assert (on_pool.run.executor, on_pool.run.workers, on_pool.run.gpus_per_run) == ("process", 4, 0.0)
-    serial = with_run_settings(on_ray, {"executor": "serial"})
-    assert (serial.run.workers, serial.run.gpus_per_run) == (1, 0.0)
+    on_ray = cfg.resolve("cpu", overrides={"executor.kind": "ray", "executor.workers": 4, "executor.gpus_per_run": 0.25})
+    on_pool = with_executor_settings(on_ray, {"kind": "process"})
+    assert (on_pool.executor.kind, on_pool.executor.workers, on_pool.executor.gpus_per_run) == ("process", 4, 0.0)
+    serial = with_executor_settings(on_ray, {"kind": "serial"})
+    assert (serial.executor.workers, serial.executor.gpus_per_run) == (1, 0.0)
 
 
 def test_the_executor_is_not_part_of_a_row_s_identity(tmp_path, smoke_config):
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
     first = biotune.run_method("full", preset="smoke", overrides=overrides, store=tmp_path / "s.sqlite",
                                progress=False)
-    again = biotune.run_method("full", preset="smoke", overrides={**overrides, "run.executor": "process",
-                                                                  "run.workers": 2},
+    again = biotune.run_method("full", preset="smoke", overrides={**overrides, "executor.kind": "process",
+                                                                  "executor.workers": 2},
                                store=tmp_path / "s.sqlite", progress=False)
     assert again == first
 
@@ -405,12 +405,12 @@ def test_resume_takes_executor_settings_and_refuses_others(tmp_path, smoke_confi
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results")}
     run = run_search(tmp_path, "resume", overrides)
     store = tmp_path / "resume.sqlite"
-    resumed = biotune.search(resume=run.run_id, store=store, overrides=["run.executor=process", "run.workers=2"],
+    resumed = biotune.search(resume=run.run_id, store=store, overrides=["executor.kind=process", "executor.workers=2"],
                              progress=False)
     assert resumed.best_genes == run.best_genes
-    assert biotune.search(resume=run.run_id, store=store, overrides=["run.executor=serial"], progress=False).best_genes \
+    assert biotune.search(resume=run.run_id, store=store, overrides=["executor.kind=serial"], progress=False).best_genes \
         == run.best_genes  # the stored 2 workers are dropped with the serial executor
-    with pytest.raises(cfg.ConfigError, match=r"takes no --ga.population 5 \(only the executor's .*--run\.\* settings"):
+    with pytest.raises(cfg.ConfigError, match=r"takes no --ga.population 5 \(only the executor's .*--executor\.\* settings"):
         biotune.search(resume=run.run_id, store=store, overrides=["ga.population=5"], progress=False)
 
 
@@ -418,7 +418,7 @@ def test_the_cli_takes_executor_and_workers_and_names_a_bad_value(tmp_path, smok
     base = [sys.executable, "-m", "biotune", "--store", str(tmp_path / "cli.sqlite"), "--results-dir",
             str(tmp_path / "results"), "search", "--preset", "smoke", "--quiet", "--data.root", smoke_config.data.root]
     bad = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "run.workers=0" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "executor.workers=0" in bad.stderr and "Traceback" not in bad.stderr
     typo = subprocess.run([*base, "--executor", "rey"], capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and "invalid choice: 'rey'" in typo.stderr
     good = subprocess.run([*base, "--executor", "process", "--workers", "2"], capture_output=True, text=True,
@@ -426,7 +426,7 @@ def test_the_cli_takes_executor_and_workers_and_names_a_bad_value(tmp_path, smok
     assert good.returncode == 0, good.stderr
     run_id = good.stdout.split()[1].rstrip(":")
     final = subprocess.run([sys.executable, "-m", "biotune", "--store", str(tmp_path / "cli.sqlite"), "final", run_id,
-                            "--quiet", "--executor", "process", "--run.workers", "2"],
+                            "--quiet", "--executor", "process", "--executor.workers", "2"],
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0 and run_id in final.stdout, final.stderr
 
@@ -472,3 +472,12 @@ def test_the_parallel_bench_times_each_executor_and_checks_equal_evaluations(tmp
     assert table["equals_serial_same_threads"].tolist()[1:] == [True, True]
     assert summary["all_equal_serial_same_threads"] is True
     assert json.loads((tmp_path / "parallel.json").read_text())["summary"] == summary
+
+
+def test_executor_settings_come_apart_from_other_overrides_in_either_spelling():
+    from biotune.bookkeeping import split_executor_settings
+
+    assert split_executor_settings(["executor.kind=process", "ga.population=5"]) == \
+        ({"kind": "process"}, {"ga": {"population": 5}})
+    with pytest.warns(FutureWarning, match="override: config key run.executor is deprecated; use executor.kind"):
+        assert split_executor_settings({"run": {"executor": "process"}}) == ({"kind": "process"}, {})

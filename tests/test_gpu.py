@@ -130,7 +130,7 @@ def test_ray_packs_runs_on_gpu_shares(smoke_config, tmp_path):
 
     overrides = {"data.root": smoke_config.data.root, "results_dir": str(tmp_path / "results"), "train.device": "auto",
                  "train.seeds": [0, 1], "ga.population": 4, "ga.generations": 2, "ga.elites": 1,
-                 "train.num_threads": 1, "run.executor": "ray", "run.workers": 4, "run.gpus_per_run": 0.25}
+                 "train.num_threads": 1, "executor.kind": "ray", "executor.workers": 4, "executor.gpus_per_run": 0.25}
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         packed = biotune.search(preset="smoke", store=tmp_path / "ray.sqlite", progress=False, overrides=overrides)

@@ -63,42 +63,42 @@ def out_of_memory_first(shared, counter: str, failures: int) -> str:
 
 def test_places_spread_runs_round_robin_over_the_gpus_asked_for(fake_cuda, monkeypatch):
     train = cfg.TrainConfig()
-    slots = gpus.places(cfg.RunConfig(executor="process", workers=4, gpus=[1, 3], runs_per_gpu=2), train)
+    slots = gpus.places(cfg.ExecutorConfig(kind="process", workers=4, gpus=[1, 3], runs_per_gpu=2), train)
     assert [(s.gpu, s.index, s.share) for s in slots] == [("1", 1, 0.5), ("3", 3, 0.5), ("1", 1, 0.5), ("3", 3, 0.5)]
-    assert [s.gpu for s in gpus.places(cfg.RunConfig(executor="process", workers=4), train)] == ["0", "1", "2", "3"]
-    assert gpus.places(cfg.RunConfig(gpus=[2]), train) == [gpus.Slot("2", 2, 1.0)]  # serial: the first asked
-    assert gpus.places(cfg.RunConfig(), cfg.TrainConfig(device="cuda:3")) == [gpus.Slot("3", 3, 1.0)]
+    assert [s.gpu for s in gpus.places(cfg.ExecutorConfig(kind="process", workers=4), train)] == ["0", "1", "2", "3"]
+    assert gpus.places(cfg.ExecutorConfig(gpus=[2]), train) == [gpus.Slot("2", 2, 1.0)]  # serial: the first asked
+    assert gpus.places(cfg.ExecutorConfig(), cfg.TrainConfig(device="cuda:3")) == [gpus.Slot("3", 3, 1.0)]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # torch's index 1 is the machine's GPU 5
-    assert gpus.places(cfg.RunConfig(gpus=[1]), train) == [gpus.Slot("5", 1, 1.0)]
+    assert gpus.places(cfg.ExecutorConfig(gpus=[1]), train) == [gpus.Slot("5", 1, 1.0)]
     with pytest.raises(cfg.ConfigError, match=r"there is no GPU 4 here; torch sees 4 GPU\(s\) \(CUDA_VISIBLE_DEVICES"):
-        gpus.places(cfg.RunConfig(gpus=[0, 4]), train)
-    with pytest.raises(cfg.ConfigError, match=r"run.workers=5 .* hold 4: pass --runs-per-gpu 3"):
-        gpus.places(cfg.RunConfig(executor="process", workers=5, gpus=[0, 1], runs_per_gpu=2), train)
+        gpus.places(cfg.ExecutorConfig(gpus=[0, 4]), train)
+    with pytest.raises(cfg.ConfigError, match=r"executor.workers=5 .* hold 4: pass --runs-per-gpu 3"):
+        gpus.places(cfg.ExecutorConfig(kind="process", workers=5, gpus=[0, 1], runs_per_gpu=2), train)
 
 
 def test_on_the_cpu_nothing_is_placed_and_asking_for_gpus_is_an_error():
     assert not torch.cuda.is_available()
-    assert gpus.places(cfg.RunConfig(executor="process", workers=2), cfg.TrainConfig()) == []
+    assert gpus.places(cfg.ExecutorConfig(kind="process", workers=2), cfg.TrainConfig()) == []
     with pytest.raises(cfg.ConfigError, match="but they train on cpu here"):
-        gpus.places(cfg.RunConfig(runs_per_gpu=2), cfg.TrainConfig())
+        gpus.places(cfg.ExecutorConfig(runs_per_gpu=2), cfg.TrainConfig())
 
 
 def test_config_refuses_gpu_settings_that_contradict_each_other():
-    for overrides, message in [({"run.gpus": [0, 0]}, "names a GPU twice"),
-                               ({"run.runs_per_gpu": 2, "train.device": "cpu"}, "but train.device=cpu"),
-                               ({"run.gpus": [1], "train.device": "cuda:0"}, "pins every run to GPU 0"),
-                               ({"run.executor": "ray", "run.gpus_per_run": 0.5, "run.runs_per_gpu": 2},
+    for overrides, message in [({"executor.gpus": [0, 0]}, "names a GPU twice"),
+                               ({"executor.runs_per_gpu": 2, "train.device": "cpu"}, "but train.device=cpu"),
+                               ({"executor.gpus": [1], "train.device": "cuda:0"}, "pins every run to GPU 0"),
+                               ({"executor.kind": "ray", "executor.gpus_per_run": 0.5, "executor.runs_per_gpu": 2},
                                 "give one of them")]:
         with pytest.raises(cfg.ConfigError, match=message):
             cfg.resolve("cpu", overrides=overrides)
     parser = cli.build_parser()
     args, _ = parser.parse_known_args(["search", "--gpus", "0,2", "--runs-per-gpu", "2"])
-    assert cli._executor_overrides(args) == ["run.gpus=[0,2]", "run.runs_per_gpu=2"]
-    assert cfg.resolve("cpu", overrides=cli._executor_overrides(args) + ["train.device=auto"]).run.gpus == [0, 2]
+    assert cli._executor_overrides(args) == ["executor.gpus=[0,2]", "executor.runs_per_gpu=2"]
+    assert cfg.resolve("cpu", overrides=cli._executor_overrides(args) + ["train.device=auto"]).executor.gpus == [0, 2]
 
 
 def test_serial_runs_use_the_first_gpu_asked_for_within_their_share(fake_cuda):
-    with make_executor(cfg.RunConfig(gpus=[2], runs_per_gpu=2), cfg.TrainConfig()) as executor:
+    with make_executor(cfg.ExecutorConfig(gpus=[2], runs_per_gpu=2), cfg.TrainConfig()) as executor:
         seen = dict(executor.map(lambda shared, i: str(gpus.resolve_device("auto")), [(0,), (1,)]))
     assert seen == {0: "cuda:2", 1: "cuda:2"}
     assert fake_cuda == [(0.5, "cuda:2"), (0.5, "cuda:2")]
@@ -117,18 +117,18 @@ def test_the_memory_budget_counts_this_process_s_share_and_what_it_holds(fake_cu
 
 def test_ray_asks_one_share_of_a_gpu_per_run_where_not_given():
     auto = cfg.TrainConfig()
-    assert gpus.ray_gpus_per_run(cfg.RunConfig(executor="ray", runs_per_gpu=4), auto, cluster_gpus=2) == 0.25
-    assert gpus.ray_gpus_per_run(cfg.RunConfig(executor="ray", gpus_per_run=0.5), auto, cluster_gpus=2) == 0.5
-    assert gpus.ray_gpus_per_run(cfg.RunConfig(executor="ray"), cfg.TrainConfig(device="cpu"), cluster_gpus=2) == 0
-    assert gpus.ray_gpus_per_run(cfg.RunConfig(executor="ray"), auto, cluster_gpus=0) == 0
+    assert gpus.ray_gpus_per_run(cfg.ExecutorConfig(kind="ray", runs_per_gpu=4), auto, cluster_gpus=2) == 0.25
+    assert gpus.ray_gpus_per_run(cfg.ExecutorConfig(kind="ray", gpus_per_run=0.5), auto, cluster_gpus=2) == 0.5
+    assert gpus.ray_gpus_per_run(cfg.ExecutorConfig(kind="ray"), cfg.TrainConfig(device="cpu"), cluster_gpus=2) == 0
+    assert gpus.ray_gpus_per_run(cfg.ExecutorConfig(kind="ray"), auto, cluster_gpus=0) == 0
     with pytest.raises(cfg.ConfigError, match="no node of this Ray cluster has a GPU"):
-        gpus.ray_gpus_per_run(cfg.RunConfig(executor="ray", require_gpu=True), auto, cluster_gpus=0)
+        gpus.ray_gpus_per_run(cfg.ExecutorConfig(kind="ray", require_gpu=True), auto, cluster_gpus=0)
 
 
 @pytest.mark.slow
 def test_each_worker_process_is_pinned_to_its_gpu_with_its_memory_share(fake_cuda, tmp_path):
-    run = cfg.RunConfig(executor="process", workers=2, gpus=[1, 3], runs_per_gpu=2)
-    with make_executor(run, cfg.TrainConfig(num_threads=1)) as executor:
+    settings = cfg.ExecutorConfig(kind="process", workers=2, gpus=[1, 3], runs_per_gpu=2)
+    with make_executor(settings, cfg.TrainConfig(num_threads=1)) as executor:
         seen = [result for _, result in executor.map(where, [(str(tmp_path), 2)] * 2)]
     assert sorted(s["visible"] for s in seen) == ["1", "3"]  # one worker on each GPU, seen as cuda:0
     assert all(s["index"] == 0 and s["share"] == 0.5 for s in seen)
@@ -146,7 +146,7 @@ def test_rows_go_to_the_gpus_asked_for(fake_cuda, smoke, monkeypatch):
     seen = []  # one row at a time runs in this process, unpinned; its own runs go to the GPUs asked for
 
     def record(method, **arguments):
-        seen.append((gpus.here(), arguments["overrides"]["run.gpus"]))
+        seen.append((gpus.here(), arguments["overrides"]["executor.gpus"]))
         return "a run id"
 
     monkeypatch.setattr(batch, "run_method", record)
@@ -269,13 +269,13 @@ def test_auto_warns_once_where_torch_cannot_use_the_nvidia_gpu(unusable_gpu, cap
 
 def test_the_paper_preset_refuses_the_cpu_unless_asked(unusable_gpu, smoke):
     paper = cfg.resolve("paper")
-    assert paper.run.require_gpu and paper.train.device == "auto"
+    assert paper.executor.require_gpu and paper.train.device == "auto"
     with pytest.raises(cfg.ConfigError, match=r"535.104.05.*--train.device cpu"):
-        gpus.training_device(paper.run, paper.train)
-    assert gpus.training_device(paper.run, cfg.TrainConfig(device="cpu")).type == "cpu"
+        gpus.training_device(paper.executor, paper.train)
+    assert gpus.training_device(paper.executor, cfg.TrainConfig(device="cpu")).type == "cpu"
     with pytest.raises(cfg.ConfigError, match="run on the CPU on purpose with --train.device cpu"):
         biotune.run_many([{"method": "full", "preset": "paper", "dataset": "cifar10"}], jobs=2)
-    refused = {**smoke["overrides"], "run.require_gpu": True, "train.device": "auto"}
+    refused = {**smoke["overrides"], "executor.require_gpu": True, "train.device": "auto"}
     with pytest.raises(cfg.ConfigError, match="--train.device cpu"):
         biotune.search(**dict(smoke, overrides=refused), progress=False)
     with RunStore(smoke["store"]) as db:

@@ -6,9 +6,13 @@ after generation 0, one evaluation stored past it. Resumed here, it must end exa
 uninterrupted search run by today's code.
 """
 import shutil
+import warnings
 from pathlib import Path
 
+import pytest
+
 import biotune
+from biotune import config as cfg
 from biotune.store import RunStore
 
 FIXTURE = Path(__file__).parent / "fixtures" / "search_before_tidy"
@@ -20,6 +24,7 @@ def comparable(frame):
     return frame[["seq", "generation", "role", "fold", "genes", "fitness", "status"]].to_dict("records")
 
 
+@pytest.mark.filterwarnings("error::biotune.config.DeprecatedKey")  # its stored `run` section is read silently
 def test_a_search_stopped_by_older_code_resumes_to_what_todays_code_computes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the fixture's config names its folders relative to where it ran
     shutil.copytree(FIXTURE, tmp_path / "results", ignore=shutil.ignore_patterns("*.py"))
@@ -34,3 +39,19 @@ def test_a_search_stopped_by_older_code_resumes_to_what_todays_code_computes(tmp
     assert comparable(resumed.evaluations) == comparable(fresh.evaluations)
     assert resumed.best_genes == fresh.best_genes
     assert resumed.evaluations["train_runs"].sum() == fresh.evaluations["train_runs"].sum()
+
+
+def test_a_stored_run_section_loads_silently_and_the_run_is_reused_by_todays_config(tmp_path):
+    """Its config names the executor's settings `run` (before issue 22 named them `executor`):
+    read without a warning, and the run keeps its identity, so today's same config reuses it."""
+    shutil.copytree(FIXTURE, tmp_path / "results", ignore=shutil.ignore_patterns("*.py"))
+    with RunStore(tmp_path / "results" / "runs.sqlite") as store:
+        stored = store.run(RUN_ID)["config"]
+        assert stored["run"]["executor"] == "serial" and "executor" not in stored
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            assert cfg.from_dict(stored).executor == cfg.ExecutorConfig()
+        todays = cfg.resolve("smoke", overrides=OVERRIDES)
+        assert store.matching_run("biotune", todays.to_dict())["run_id"] == RUN_ID
+        elsewhere = cfg.resolve("smoke", overrides={**OVERRIDES, "executor.kind": "process", "executor.workers": 2})
+        assert store.matching_run("biotune", elsewhere.to_dict())["run_id"] == RUN_ID  # the executor is no part of it

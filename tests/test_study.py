@@ -118,3 +118,17 @@ def test_a_setup_key_that_looks_like_a_number_is_read_back_as_text(tmp_path):
     pd.DataFrame([{"dataset": "digits", "method": "full", "seed": 0, "status": "ok", "setup": "120e45678901",
                    "run_id": "1"}], columns=ROW_COLUMNS).to_csv(file, index=False)
     assert len(_rows(file, "120e45678901")) == 1
+
+
+def test_the_setup_key_ignores_the_executor_in_either_spelling_and_is_what_it_was_before_the_rename():
+    from biotune.study import setup_key
+
+    results = {"ga.population": 4, "train.max_epochs": 2}
+    # computed by the code before the executor's settings moved from `run` to `executor` (issue 22);
+    # a bump of store.RESULTS_VERSION changes it on purpose
+    before = "ae1d043a3da8"
+    assert setup_key("cpu", "tiny_cnn", results) == before
+    with_old = {**results, "run.executor": "process", "run.workers": 2}
+    with_new = {**results, "executor.kind": "process", "executor.workers": 2}
+    assert setup_key("cpu", "tiny_cnn", with_old) == setup_key("cpu", "tiny_cnn", with_new) == before
+    assert setup_key("cpu", "tiny_cnn", {**results, "ga.population": 5}) != before  # what changes results counts
