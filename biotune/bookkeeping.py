@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import re
 import secrets
@@ -38,6 +39,27 @@ def _git(*args: str) -> str | None:
                               text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def machine() -> str:
+    """The CPU model and cores, torch's threads and the GPU, in words."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        cpu = names[0].strip() if names else cpu
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()}-core {cpu}, {torch.get_num_threads()} torch threads{gpu}"
+
+
+def provenance(command: str, seconds: float | None = None, **extra) -> dict:
+    """How a published results file was made: the command, the commit (and whether the tree had
+    changes), the date and the machine (biotune/tables.py stamps its tables with it)."""
+    status = _git("status", "--porcelain")
+    return {"command": command, "commit": _git("rev-parse", "HEAD"), "dirty": bool(status),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(), "seconds": seconds, **extra}
 
 
 def run_metadata(config: cfg.Config) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import config as cfg
-from . import experiment
+from . import experiment, tables
 from .batch import ROW_EXECUTORS, row_methods
 from .data import list_datasets
 from .executors import TrainingFailedError
@@ -386,6 +386,8 @@ def _demo(args, overrides: list[str]) -> None:
     table, folder = experiment.demo(preset=args.preset, store=args.store, progress=_progress(args), overrides=overrides)
     _print_table(table)
     print(f"convergence figure and tables: {folder}")
+    print("\nAs docs/results.md publishes it (`make reproduce demo` compares a rerun with it):")
+    print(tables.demo_markdown(tables.demo_rows(args.store, table["run_id"].tolist())))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pandas as pd
 from . import config as cfg
 from . import plots, stats
 from .batch import run_many
-from .bookkeeping import make_folder
+from .bookkeeping import make_folder, provenance
 from .experiment import run_overrides
 from .report import summary
 from .store import RESULTS_VERSION, REUSE_IGNORES
@@ -93,16 +93,28 @@ def run_study(name: str, datasets: list[str], methods: list[str], seeds: int = 3
                  gpus=gpus, store=config.store_path, progress=progress, on_finished=record)
     rows = _rows(folder / "rows.csv", setup)
     tables = study_tables(rows[_in(rows, cells)].reset_index(drop=True), references)
-    for table_name in ("summary", "paired"):  # rows.csv is written row by row
+    command = " ".join(["biotune study --name", name, "--preset", preset, "--datasets", *datasets, "--methods",
+                        *methods, "--seeds", str(seeds), *(["--model", model] if model else []),
+                        *(f"--{key} {json.dumps(value)}" for key, value in overrides.items()), "--jobs", str(jobs)])
+    write_outputs(folder, tables, references, command)
+    log.info("study %s: %d of %d rows finished; tables and figures in %s", name,
+             int((tables["rows"]["status"] == "ok").sum()), len(cells), folder)
+    return tables, folder
+
+
+def write_outputs(folder: Path, tables: dict[str, pd.DataFrame], references, command: str) -> None:
+    """summary.csv, paired.csv, provenance.json (what made them, for the published tables) and the
+    figures; rows.csv is written row by row as rows finish."""
+    for table_name in ("summary", "paired"):
         tables[table_name].to_csv(folder / f"{table_name}.csv", index=False)
-    if (tables["rows"]["status"] == "ok").any():
+    ok = tables["rows"][tables["rows"]["status"] == "ok"]
+    made = provenance(command, rows=len(ok), row_seconds=round(float(ok["seconds"].sum()), 1))
+    (folder / "provenance.json").write_text(json.dumps(made, indent=2) + "\n")
+    if len(ok):
         plots.save(plots.study_means(tables["summary"]), folder, "means")
         for reference in references:
             if (tables["paired"]["reference"] == reference).any():
                 plots.save(plots.paired_differences(tables["paired"], reference), folder, f"paired_vs_{reference}")
-    log.info("study %s: %d of %d rows finished; tables and figures in %s", name,
-             int((tables["rows"]["status"] == "ok").sum()), len(cells), folder)
-    return tables, folder
 
 
 def setup_key(preset: str, model: str, overrides: dict) -> str:

@@ -1,5 +1,7 @@
 """The multi-seed study: statistics against hand-computed values, matched cells, a smoke study
 that writes its tables and continues without retraining."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -67,6 +69,9 @@ def test_a_smoke_study_writes_its_tables_and_continues_without_retraining(tmp_pa
         assert set(columns) <= set(written.columns) and len(written) == len(tables[name])
     rows = tables["rows"]
     assert len(rows) == 12 and (rows["status"] == "ok").all() and rows["test_macro_acc"].between(0, 1).all()
+    made = json.loads((folder / "provenance.json").read_text())  # what the published tables are stamped with
+    assert made["command"].startswith("biotune study --name smoke --preset smoke --datasets synthetic digits")
+    assert (made["commit"] is None or len(made["commit"]) == 40) and made["date"] and "torch threads" in made["machine"] and made["rows"] == 12
     with RunStore(tmp_path / "runs.sqlite") as store:
         trained = store.runs()["train_runs"].sum()
         # every method of a cell saw the same data subsample and folds
