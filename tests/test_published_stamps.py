@@ -18,12 +18,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("docs/results.md", "docs/performance.md")
+DOCUMENTS = ("README.md", "docs/results.md", "docs/performance.md", "docs/scaling.md", "docs/gpu.md")
 
 # (document, header row) -> why the table carries no stamp of its own.
 UNSTAMPED = {
     ("docs/results.md", "| method | test macro acc % | trainable share | seconds | training runs |"):
         "the `make demo` table: becomes the generated `demo` block of biotune/tables.py",
+    ("README.md", "| page | contents |"): "the documentation index, not a measurement",
+    ("docs/scaling.md", "| key | values | what it does |"): "the executor's config keys, not a measurement",
+    ("docs/scaling.md", "| phase | runs at once | why |"): "what runs at once in a search, not a measurement",
+    ("docs/scaling.md", "| how | what it does |"): "ways to reach a Ray cluster, not a measurement",
 }
 
 FENCE = re.compile(r"^(```|~~~)")
@@ -91,7 +95,7 @@ def test_the_table_finder_sees_tables_blocks_and_skips_code():
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_every_measured_table_is_stamped(document):
     markdown = (ROOT / document).read_text(encoding="utf-8")
-    assert len(tables(markdown)) >= 5, f"{document}: the table finder found almost no tables"
+    assert len(tables(markdown)) >= 1, f"{document}: the table finder found no table"
     missing = unstamped(document, markdown)
     assert not missing, (
         "these tables carry no line saying which command, commit, date and machine measured them "
@@ -105,7 +109,8 @@ def test_removing_a_stamp_is_caught(document):
     lines = markdown.splitlines()
     stamped = [(start, end) for start, header, generated, end in tables(markdown)
                if not generated and (document, header) not in UNSTAMPED]
-    assert stamped, f"{document} has no stamped tables"
+    if not stamped:
+        pytest.skip(f"{document}: every table is generated or a reference table")
     for start, end in stamped:
         stamp = end + 1 if lines[end:end + 1] == [""] else end
         without = "\n".join(lines[:stamp] + lines[stamp + 1:])
