@@ -156,24 +156,40 @@ def _render_study_means(folder: Path, source: str) -> str:
                               f"(Student t); validation mean in brackets.\n\n" + stamp(f"{source}/summary.csv", made)
 
 
-def _render_study_paired(folder: Path, source: str) -> str:
-    """BioTune and robust BioTune against random search and full fine-tuning, over every cell."""
+def _paired_lines(paired: pd.DataFrame, datasets: list[str]) -> list[str]:
+    """One line per dataset and comparison of BioTune and robust BioTune with the references."""
+    lines = []
+    for dataset in datasets:
+        for method in ("biotune", "biotune_robust"):
+            for reference in ("random", "full"):
+                pick = paired[(paired["dataset"] == dataset) & (paired["method"] == method)
+                              & (paired["reference"] == reference)]
+                test, val = pick[pick["metric"] == "test"], pick[pick["metric"] == "validation"]
+                if not len(test):
+                    continue
+                t, v = test.iloc[0], val.iloc[0]
+                lines.append(f"| {dataset} | {STUDY_METHODS[method]} - {STUDY_METHODS[reference]} | {t['n']} | "
+                             f"{100 * t['mean_diff']:+.2f} [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] | "
+                             f"{t['wins']} / {t['ties']} / {t['losses']} | {t['p_value']:.2f} | "
+                             f"{100 * v['mean_diff']:+.2f} |")
+    return lines
+
+
+PAIRED_HEADER = ["| cells | comparison | n | test: mean difference, points [95% CI] | wins / ties / losses "
+                 "| Wilcoxon p | validation: mean difference |", "|---|---|---|---|---|---|---|"]
+
+
+def _render_study_paired(folder: Path, source: str, datasets: tuple[str, ...] = ("all",)) -> str:
+    """BioTune and robust BioTune against random search and full fine-tuning (``all``: every cell)."""
     paired = pd.read_csv(folder / "paired.csv")
-    lines = ["| comparison | cells | test: mean difference [95% CI] | wins / ties / losses | Wilcoxon p "
-             "| validation: mean difference |", "|---|---|---|---|---|---|"]
-    for method in ("biotune", "biotune_robust"):
-        for reference in ("random", "full"):
-            pick = paired[(paired["dataset"] == "all") & (paired["method"] == method)
-                          & (paired["reference"] == reference)]
-            test, val = pick[pick["metric"] == "test"], pick[pick["metric"] == "validation"]
-            if not len(test):
-                continue
-            t, v = test.iloc[0], val.iloc[0]
-            lines.append(f"| {STUDY_METHODS[method]} - {STUDY_METHODS[reference]} | {t['n']} | "
-                         f"{100 * t['mean_diff']:+.2f} [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] | "
-                         f"{t['wins']} / {t['ties']} / {t['losses']} | {t['p_value']:.2f} | {100 * v['mean_diff']:+.2f} |")
     made = json.loads((folder / "provenance.json").read_text())
+    lines = PAIRED_HEADER + _paired_lines(paired, list(datasets))
     return "\n".join(lines) + "\n\n" + stamp(f"{source}/paired.csv", made)
+
+
+def _render_study_paired_per_dataset(folder: Path, source: str) -> str:
+    datasets = [d for d in dict.fromkeys(pd.read_csv(folder / "paired.csv")["dataset"]) if d != "all"]
+    return _render_study_paired(folder, source, tuple(datasets))
 
 
 TABLES: dict[str, Published] = {
@@ -183,6 +199,7 @@ TABLES: dict[str, Published] = {
     "bench-cpu-genomes": Published("results/reference/bench_cpu.json", _render_bench_genomes),
     "study-offline-means": Published("results/study/offline", _render_study_means),
     "study-offline-paired": Published("results/study/offline", _render_study_paired),
+    "study-offline-paired-datasets": Published("results/study/offline", _render_study_paired_per_dataset),
 }
 
 
