@@ -41,6 +41,9 @@ def _git(*args: str) -> str | None:
         return None
 
 
+CODE = ("biotune", "notebooks", "pyproject.toml", "constraints.txt")  # what computes a result (not docs or tests)
+
+
 def machine() -> str:
     """The CPU model and cores, torch's threads and the GPU, in words."""
     import torch
@@ -55,9 +58,9 @@ def machine() -> str:
 
 
 def provenance(command: str, seconds: float | None = None, **extra) -> dict:
-    """How a published results file was made: the command, the commit (and whether the tree had
-    changes), the date and the machine (biotune/tables.py stamps its tables with it)."""
-    status = _git("status", "--porcelain")
+    """How a published results file was made: the command, the commit (and whether the code had
+    uncommitted changes), the date and the machine (biotune/tables.py stamps its tables with it)."""
+    status = _git("status", "--porcelain", "--", *CODE)
     return {"command": command, "commit": _git("rev-parse", "HEAD"), "dirty": bool(status),
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(), "seconds": seconds, **extra}
 
