@@ -37,7 +37,7 @@ Breeding = Literal["steady", "generational"]
 ExecutorKind = Literal["serial", "process", "ray"]
 StoreAt = Literal["native", "input"]
 Device = Annotated[str, Strict(), Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")]
-Amp = Literal["auto", True, False]  # "auto": the model's measured precision (models.py)
+Amp = Literal["auto", True, False]  # "auto": the model's measured precision (models/zoo.py)
 
 
 @dataclass

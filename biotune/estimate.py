@@ -45,7 +45,7 @@ from .train import resolve_amp
 _arch = functools.cache(meta_arch)  # a plan's hundreds of rows share a few models
 THROUGHPUT = Path(__file__).resolve().parents[1] / "results" / "reference" / "throughput_h100.json"
 
-# Labelled images per official split (train, val, test; None: carved from train as data.py
+# Labelled images per official split (train, val, test; None: carved from train as data/splits.py
 # does), as the paper states them for its nine datasets, and Fashion-MNIST's (the quickstart's);
 # carved, they give the sizes data/README.md lists.
 SPLITS = {"flowers102": (1020, 1020, 6149), "fgvc_aircraft": (3334, 3333, 3333), "isic2020": (33126, None, None),
@@ -73,7 +73,7 @@ class Runs:
 
 
 def split_sizes(data: cfg.DataConfig) -> tuple[int, int, int]:
-    """(train, val, test) images of ``data.dataset`` after data.py's carving and the max_* caps."""
+    """(train, val, test) images of ``data.dataset`` after data/splits.py's carving and the max_* caps."""
     if data.dataset not in SPLITS:
         raise ValueError(f"the estimate has no size for dataset {data.dataset!r}; it knows {', '.join(SPLITS)}")
     train, val, test = SPLITS[data.dataset]

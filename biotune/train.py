@@ -90,7 +90,7 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, base_lr: float) -> None
 
 
 def resolve_amp(amp: bool | str, model) -> bool:
-    """``train.amp`` for this model: "auto" takes the precision registered with it (models.py: bf16
+    """``train.amp`` for this model: "auto" takes the precision registered with it (models/zoo.py: bf16
     speeds ResNet-50 up on an H100 and slows EfficientNet-Lite0 down); true or false force it."""
     return model.amp if amp == "auto" else amp
 

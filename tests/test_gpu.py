@@ -69,7 +69,7 @@ def test_cuda_and_cpu_agree_on_the_same_weights(smoke_config, smoke_inputs, monk
 
 def resnet50_at_224(tmp_path) -> dict:
     """ResNet-50 (random weights) on 32 px synthetic images resized to 224 per batch, on CUDA, with
-    train.amp "auto" (bf16 for ResNet-50, models.py) and cuDNN's benchmark mode (the defaults)."""
+    train.amp "auto" (bf16 for ResNet-50, models/zoo.py) and cuDNN's benchmark mode (the defaults)."""
     return {"data.root": str(tmp_path / "data"), "results_dir": str(tmp_path / "results"),
             "model.name": "resnet50", "model.weights": None, "data.image_size": 224,
             "data.options": {"num_classes": 3, "num_train": 192, "num_val": 96, "num_test": 48, "size": 32},
