@@ -105,7 +105,7 @@ def search(dataset: str | None = None, model: str | None = None, preset: str | N
 
     ``ga.searcher`` picks BioTune's GA (default) or a baseline at its budget (random, tpe, cmaes).
     ``preset`` defaults to ``cpu``; a resumed run keeps its stored config, so ``resume`` takes
-    only the executor's overrides (``run.*``: the results do not depend on them).
+    only the executor's overrides (``executor.*``: the results do not depend on them).
     ``biotune.search("digits", "tf_efficientnet_lite0", preset="cpu", overrides={"ga.population": 8})``
     """
     if resume is not None:

@@ -27,7 +27,7 @@ from .batch import run_many
 from .bookkeeping import make_folder, provenance
 from .experiment import run_overrides
 from .report import summary
-from .store import RESULTS_VERSION, REUSE_IGNORES
+from .store import RESULTS_VERSION, REUSE_IGNORES, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +96,39 @@ def run_study(name: str, datasets: list[str], methods: list[str], seeds: int = 3
     command = " ".join(["biotune study --name", name, "--preset", preset, "--datasets", *datasets, "--methods",
                         *methods, "--seeds", str(seeds), *(["--model", model] if model else []),
                         *(f"--{key} {json.dumps(value)}" for key, value in overrides.items()), "--jobs", str(jobs)])
-    write_outputs(folder, tables, references, command)
+    write_outputs(folder, tables, references, command, config.store_path)
     log.info("study %s: %d of %d rows finished; tables and figures in %s", name,
              int((tables["rows"]["status"] == "ok").sum()), len(cells), folder)
     return tables, folder
 
 
-def write_outputs(folder: Path, tables: dict[str, pd.DataFrame], references, command: str) -> None:
+def write_outputs(folder: Path, tables: dict[str, pd.DataFrame], references, command: str, store: Path) -> None:
     """summary.csv, paired.csv, provenance.json (what made them, for the published tables) and the
     figures; rows.csv is written row by row as rows finish."""
     for table_name in ("summary", "paired"):
         tables[table_name].to_csv(folder / f"{table_name}.csv", index=False)
     ok = tables["rows"][tables["rows"]["status"] == "ok"]
-    made = provenance(command, rows=len(ok), row_seconds=round(float(ok["seconds"].sum()), 1))
+    made = provenance(command, rows=len(ok), row_seconds=round(float(ok["seconds"].sum()), 1),
+                      rows_trained_at=_trained_at(store, ok["run_id"].tolist(), folder / "provenance.json"))
     (folder / "provenance.json").write_text(json.dumps(made, indent=2) + "\n")
     if len(ok):
         plots.save(plots.study_means(tables["summary"]), folder, "means")
         for reference in references:
             if (tables["paired"]["reference"] == reference).any():
                 plots.save(plots.paired_differences(tables["paired"], reference), folder, f"paired_vs_{reference}")
+
+
+def _trained_at(store: Path, run_ids: list[str], previous: Path) -> list[str]:
+    """The commits whose code trained the rows, in the order first met (each run's metadata);
+    on a machine without those runs in its store, what the previous provenance.json said."""
+    commits = []
+    if Path(store).is_file():
+        with RunStore(store) as db:
+            known = set(db.runs()["run_id"])
+            commits = [db.run(run_id)["meta"].get("git_commit") for run_id in run_ids if run_id in known]
+    if not commits and previous.is_file():
+        return json.loads(previous.read_text()).get("rows_trained_at", [])
+    return list(dict.fromkeys(commit for commit in commits if commit))
 
 
 def setup_key(preset: str, model: str, overrides: dict) -> str:
