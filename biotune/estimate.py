@@ -1,23 +1,11 @@
 """Plan before you spend: the GPU hours a notebook plan takes, from measured throughput.
 
-``biotune notebooks cost notebooks/paper.yaml --gpus 1 4 8``. Each notebook of the plan becomes
-the rows it runs (the same rows its cells build); each row counts the images it trains and
-evaluates, from the dataset's split sizes and the row's resolved config, and turns them into GPU
-hours at the throughput measured on one H100 (results/reference/throughput_h100.json). What is
-assumed, and therefore an estimate:
-- epochs: every training run stops at the earliest early stopping allows (patience + 1 epochs:
-  the low figure) or runs to max_epochs (the high figure); no paper-preset run has measured where
-  between them a run typically stops;
-- every run costs full fine-tuning's time per image (a run that freezes blocks is faster: on the
-  H100, ResNet-50 training its head only took 18 s against 20 s), AdaFilter 2.05x that (measured
-  on the CPU, docs/performance.md); the evaluation cache and pruning save nothing;
-- an evaluated image (validation after every epoch, the final test) costs a third of a trained
-  one: a training step is a forward and a backward pass of twice its FLOPs (the four paper models'
-  torch.utils.flop_counter counts give 2.97-3.0x at their input sizes);
-- models without a measurement run at ResNet-50's rate scaled by forward FLOPs at the row's input
-  size (DenseNet-121, VGG-19 and Inception-v3 are estimates; Lite0 and ResNet-50 are measured);
-- wall time: rows spread over the GPUs, one row per GPU at a time (longest first), notebooks one
-  after another; this needs a plan whose ``jobs`` is at least the number of GPUs.
+``biotune notebooks cost notebooks/paper.yaml --gpus 1 4 8``: each notebook becomes the rows it
+runs; each row counts the images it trains and evaluates (its split sizes and resolved config) and
+turns them into hours at the throughput measured on one H100 (results/reference/throughput_h100.json).
+The bounds are patience + 1 epochs (early stopping's earliest) and max_epochs; docs/gpu.md lists every
+assumption (a frozen block costs as much as a trained one, an evaluated image a third of a trained
+one, unmeasured models FLOP-scaled from ResNet-50, rows spread over the GPUs longest first).
 """
 from __future__ import annotations
 
