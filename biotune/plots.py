@@ -8,7 +8,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
-from .report import BASELINE_NAMES, SEARCHER_NAMES
+from .report import BASELINE_NAMES, SEARCHER_NAMES, VARIANT_TITLES
 
 
 def set_style() -> None:
@@ -229,7 +229,7 @@ def time_per_evaluation(history: pd.DataFrame) -> plt.Figure:
 
 
 def _method_names(methods: pd.Series) -> pd.Series:
-    return methods.map(lambda m: SEARCHER_NAMES.get(m) or BASELINE_NAMES.get(m) or m)
+    return methods.map(lambda m: SEARCHER_NAMES.get(m) or BASELINE_NAMES.get(m) or VARIANT_TITLES.get(m) or m)
 
 
 def _dataset_name(dataset: str) -> str:

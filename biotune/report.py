@@ -30,6 +30,11 @@ BASELINE_NAMES = _titled(list_methods(), {
     "full": "full fine-tuning", "linear_probe": "linear probing", "lp_ft": "LP-FT", "l2_sp": "L2-SP",
     "l1_sp": "L1-SP", "autorgn": "AutoRGN", "lora": "LoRA", "adafilter": "AdaFilter"})
 
+# Titles of the named BioTune variants of a study or batch (batch.BIOTUNE_VARIANTS holds their switches).
+VARIANT_TITLES = {"biotune_robust": "BioTune, robust (ours)", "biotune_head": "BioTune, head trained",
+                  "biotune_rescore": "BioTune, re-scored top k", "biotune_wholeval": "BioTune, whole-validation fitness",
+                  "biotune_bits": "BioTune, freeze bits"}
+
 # The paper's reported test accuracies (docs/results.md, "The paper's reported numbers";
 # presumably ResNet-50): BioTune and full fine-tuning on nine datasets, every baseline on
 # Flowers-102. Long form: dataset, variant, value.

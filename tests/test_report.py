@@ -79,3 +79,10 @@ def test_every_searcher_and_registered_method_has_a_title_in_the_figures_order()
     assert not untitled, f"give these a title in biotune/report.py: {untitled}"
     assert list(BASELINE_NAMES)[:3] == ["full", "linear_probe", "lp_ft"]  # the colours figures hand out
     assert _titled(["b", "new", "a"], {"a": "A", "b": "B", "gone": "G"}) == {"a": "A", "b": "B", "new": "new"}
+
+
+def test_every_named_biotune_variant_has_a_title():
+    from biotune.batch import BIOTUNE_VARIANTS
+    from biotune.report import VARIANT_TITLES
+
+    assert set(VARIANT_TITLES) == set(BIOTUNE_VARIANTS), "titles in biotune/report.py, switches in biotune/batch.py"
