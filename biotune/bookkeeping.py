@@ -61,7 +61,7 @@ def provenance(command: str, seconds: float | None = None, **extra) -> dict:
     """How a published results file was made: the command, the commit (and whether the code had
     uncommitted changes), the date and the machine (biotune/tables.py stamps its tables with it)."""
     status = _git("status", "--porcelain", "--", *(f":/{path}" for path in CODE))  # paths from the top
-    return {"command": command, "commit": _git("rev-parse", "HEAD"), "dirty": bool(status),
+    return {"command": command, "commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(), "seconds": seconds, **extra}
 
 

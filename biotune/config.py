@@ -249,11 +249,7 @@ def renamed(updates: dict | None, source: str, *, warn: bool = True) -> dict | N
         for was, now in moves or [(f"section {OLD_SECTION}", NEW_SECTION)]:
             warnings.warn(f"{source}: config {was} is deprecated; use {now}", DeprecatedKey, stacklevel=3)
     given = updates.get(NEW_SECTION, {})
-    if isinstance(given, dict):  # (anything else is refused by merge)
-        twice = [key for key in old if names[key] in given]
-        if twice:
-            raise ConfigError(f"{source}: {NEW_SECTION}.{names[twice[0]]} is given twice, also as its old "
-                              f"{OLD_SECTION}.{twice[0]}; keep {NEW_SECTION}.{names[twice[0]]} only")
+    if isinstance(given, dict):  # (anything else is refused by merge); the new spelling wins, as a later layer
         updates[NEW_SECTION] = {**{names[key]: value for key, value in old.items()}, **given}
     return updates
 

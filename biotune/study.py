@@ -108,9 +108,12 @@ def write_outputs(folder: Path, tables: dict[str, pd.DataFrame], references, com
     for table_name in ("summary", "paired"):
         tables[table_name].to_csv(folder / f"{table_name}.csv", index=False)
     ok = tables["rows"][tables["rows"]["status"] == "ok"]
-    made = provenance(command, rows=len(ok), row_seconds=round(float(ok["seconds"].sum()), 1),
-                      rows_trained_at=_trained_at(store, ok["run_id"].tolist(), folder / "provenance.json"))
-    (folder / "provenance.json").write_text(json.dumps(made, indent=2) + "\n")
+    previous = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").is_file() else {}
+    rows_key = hashlib.sha256(" ".join(sorted(ok["run_id"].astype(str))).encode()).hexdigest()[:12]
+    if previous.get("rows_key") != rows_key:  # kept while the rows are the same: when and how they were made
+        made = provenance(command, rows=len(ok), rows_key=rows_key, row_seconds=round(float(ok["seconds"].sum()), 1),
+                          rows_trained_at=_trained_at(store, ok["run_id"].tolist(), previous))
+        (folder / "provenance.json").write_text(json.dumps(made, indent=2) + "\n")
     if len(ok):
         plots.save(plots.study_means(tables["summary"]), folder, "means")
         for reference in references:
@@ -118,17 +121,16 @@ def write_outputs(folder: Path, tables: dict[str, pd.DataFrame], references, com
                 plots.save(plots.paired_differences(tables["paired"], reference), folder, f"paired_vs_{reference}")
 
 
-def _trained_at(store: Path, run_ids: list[str], previous: Path) -> list[str]:
-    """The commits whose code trained the rows, in the order first met (each run's metadata);
-    on a machine without those runs in its store, what the previous provenance.json said."""
+def _trained_at(store: Path, run_ids: list[str], previous: dict) -> list[str]:
+    """The commits whose code started the rows' runs (each run's metadata; a run resumed later
+    keeps the commit it started at), merged with what the previous provenance said for rows
+    whose runs this store does not hold."""
     commits = []
     if Path(store).is_file():
         with RunStore(store) as db:
             known = set(db.runs()["run_id"])
             commits = [db.run(run_id)["meta"].get("git_commit") for run_id in run_ids if run_id in known]
-    if not commits and previous.is_file():
-        return json.loads(previous.read_text()).get("rows_trained_at", [])
-    return list(dict.fromkeys(commit for commit in commits if commit))
+    return list(dict.fromkeys([*previous.get("rows_trained_at", []), *(c for c in commits if c)]))
 
 
 def setup_key(preset: str, model: str, overrides: dict) -> str:

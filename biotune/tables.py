@@ -30,7 +30,8 @@ BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /ta
 
 def stamp(source: str, made: dict) -> str:
     """The line under a generated table, from the results file's provenance (bookkeeping.py)."""
-    commit = (made.get("commit") or "unknown")[:7] + (" with uncommitted changes" if made.get("dirty") else "")
+    commit = (made.get("commit") or "unknown")[:7] + {True: " with uncommitted changes", None: " (state unknown)"}.get(
+        made.get("dirty"), "")
     trained = made.get("rows_trained_at") or []
     where = (f"rows trained by the code of commits {', '.join(c[:7] for c in trained)}, tables made at commit "
              f"{commit}" if trained and trained != [made.get("commit")] else f"at commit {commit}")
@@ -144,7 +145,8 @@ def _render_study_means(folder: Path, source: str) -> str:
     """Test and validation means with their 95% intervals, a column per dataset."""
     summary = pd.read_csv(folder / "summary.csv")
     datasets = list(dict.fromkeys(summary["dataset"]))
-    n = int(summary["n"].max())
+    seeds = sorted(set(summary["n"].astype(int)))
+    n = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
     lines = [f"| method | {' | '.join(f'{d}: test (val)' for d in datasets)} |", "|---" * (len(datasets) + 1) + "|"]
     for method, title in STUDY_METHODS.items():
         cells = []
@@ -254,11 +256,13 @@ def reproduce(name: str) -> int:
         new = pd.DataFrame(json.loads(new_file.read_text())["rows"])
     side = published.merge(new, on="method", how="outer", suffixes=("_published", "_new"))
     differs = []
-    for column in table.compared:
+    for column in table.compared:  # a missing row or a NaN on either side is a difference too
         side[f"{column}_diff"] = side[f"{column}_new"] - side[f"{column}_published"]
-        differs += side.loc[side[f"{column}_diff"].abs() > 1e-9, "method"].tolist()
+        moved = side[f"{column}_diff"].isna() | (side[f"{column}_diff"].abs() > 1e-9)
+        differs += side.loc[moved, "method"].tolist()
     print(side.to_string(index=False))
-    if table.exact and (differs or len(published) != len(new)):
+    same_rows = sorted(published["method"]) == sorted(new["method"]) and not published["method"].duplicated().any()
+    if table.exact and (differs or not same_rows):
         print(f"{name}: the rerun differs from the published table ({', '.join(sorted(set(differs)))})")
         return 1
     print(f"{name}: the rerun gives the published values" if table.exact else f"{name}: compare by eye")

@@ -77,8 +77,10 @@ def test_a_smoke_study_writes_its_tables_and_continues_without_retraining(tmp_pa
         # every method of a cell saw the same data subsample and folds
         configs = [store.run(run_id)["config"] for run_id in rows[rows["seed"] == 1]["run_id"]]
         assert {c["data"]["split_seed"] for c in configs} == {1} and {c["ga"]["seed"] for c in configs} == {1}
+    (folder / "provenance.json").write_text(json.dumps({**made, "date": "a day before"}))
     again, _ = run_study("smoke", ["synthetic", "digits"], ["biotune", "random", "full"], seeds=2, **options)
     assert again["rows"]["run_id"].tolist() == rows["run_id"].tolist()
+    assert json.loads((folder / "provenance.json").read_text())["date"] == "a day before"  # the rows did not change
     with RunStore(tmp_path / "runs.sqlite") as store:
         assert store.runs()["train_runs"].sum() == trained
     # a fresh machine: no run store, only the committed rows.csv; nothing trains, the tables are the same
