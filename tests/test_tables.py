@@ -109,3 +109,16 @@ def test_the_repository_s_tables_equal_what_its_results_files_give():
     assert tables.refresh(write=False) == [], "run `make tables` (python -m biotune.tables write)"
     published = "".join(document.read_text() for document in tables.documents())
     assert [name for name in tables.TABLES if f"<!-- table: {name} -->" not in published] == []
+
+
+def test_the_committed_study_summaries_are_what_their_rows_give():
+    """summary.csv and paired.csv, which the published study tables read, recomputed from rows.csv."""
+    from biotune.study import _rows, study_tables
+
+    for folder in sorted((tables.ROOT / "results" / "study").glob("*/")):
+        setups = pd.read_csv(folder / "rows.csv", dtype={"setup": str})["setup"]
+        tables_now = study_tables(_rows(folder / "rows.csv", setups.iloc[-1]).reset_index(drop=True))
+        for name in ("summary", "paired"):
+            committed = pd.read_csv(folder / f"{name}.csv")
+            pd.testing.assert_frame_equal(committed, tables_now[name].reset_index(drop=True), check_dtype=False,
+                                          obj=f"{folder.name}/{name}.csv")
