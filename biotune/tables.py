@@ -175,7 +175,7 @@ def _paired_lines(paired: pd.DataFrame, datasets: list[str]) -> list[str]:
                 t, v = test.iloc[0], val.iloc[0]
                 lines.append(f"| {dataset} | {STUDY_METHODS[method]} - {STUDY_METHODS[reference]} | {t['n']} | "
                              f"{100 * t['mean_diff']:+.2f} [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] | "
-                             f"{t['wins']} / {t['ties']} / {t['losses']} | {t['p_value']:.2f} | "
+                             f"{t['wins']} / {t['ties']} / {t['losses']} | {t['p_value']:.2g} | "
                              f"{100 * v['mean_diff']:+.2f} |")
     return lines
 
