@@ -44,6 +44,13 @@ def _git(*args: str) -> str | None:
 CODE = ("biotune", "notebooks", "pyproject.toml", "constraints.txt")  # what computes a result (not docs or tests)
 
 
+def code_version() -> tuple[str | None, bool | None]:
+    """The commit, and whether the code (``CODE``, not docs or results) has uncommitted changes;
+    None where git cannot tell."""
+    status = _git("status", "--porcelain", "--", *(f":/{path}" for path in CODE))  # paths from the top
+    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
+
+
 def machine() -> str:
     """The CPU model and cores, torch's threads and the GPU, in words."""
     import torch
@@ -60,8 +67,8 @@ def machine() -> str:
 def provenance(command: str, seconds: float | None = None, **extra) -> dict:
     """How a published results file was made: the command, the commit (and whether the code had
     uncommitted changes), the date and the machine (biotune/tables.py stamps its tables with it)."""
-    status = _git("status", "--porcelain", "--", *(f":/{path}" for path in CODE))  # paths from the top
-    return {"command": command, "commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+    commit, dirty = code_version()
+    return {"command": command, "commit": commit, "dirty": dirty,
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(), "seconds": seconds, **extra}
 
 
@@ -85,11 +92,11 @@ def run_metadata(config: cfg.Config) -> dict:
             device_label = f"{torch.cuda.get_device_name(device)}; GPU {', '.join(gpus)} (CUDA_VISIBLE_DEVICES ids)"
         else:
             device_label = platform.processor() or platform.machine()
-    status = _git("status", "--porcelain")
+    commit, dirty = code_version()
     return {
         "results_version": RESULTS_VERSION,  # a run of another version is not reused (store.py)
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        "git_commit": commit,
+        "git_dirty": dirty,
         "versions": versions,
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -137,6 +137,11 @@ STUDY_METHODS = {"biotune": "BioTune (paper)", "biotune_robust": "BioTune, robus
                  "linear_probe": "linear probing"}
 
 
+def _study_stamp(folder: Path, source: str, file: str) -> str:
+    """The stamp of a study table, from the study's provenance.json (study.write_outputs)."""
+    return stamp(f"{source}/{file}", json.loads((folder / "provenance.json").read_text()))
+
+
 def _mean_interval(row) -> str:
     return f"{100 * row['mean']:.2f} [{100 * row['ci_low']:.2f}, {100 * row['ci_high']:.2f}]"
 
@@ -156,9 +161,8 @@ def _render_study_means(folder: Path, source: str) -> str:
             cells.append(f"{_mean_interval(test.iloc[0])} ({100 * val.iloc[0]['mean']:.2f})" if len(test) else "n/a")
         if any(cell != "n/a" for cell in cells):
             lines.append(f"| {title} | {' | '.join(cells)} |")
-    made = json.loads((folder / "provenance.json").read_text())
     return "\n".join(lines) + f"\n\nTest macro accuracy %, mean of {n} seeds with its 95% interval in brackets " \
-                              f"(Student t); the validation mean in parentheses.\n\n" + stamp(f"{source}/summary.csv", made)
+                              f"(Student t); the validation mean in parentheses.\n\n" + _study_stamp(folder, source, "summary.csv")
 
 
 def _paired_lines(paired: pd.DataFrame, datasets: list[str]) -> list[str]:
@@ -186,10 +190,8 @@ PAIRED_HEADER = ["| cells | comparison | n | test: mean difference, points [95% 
 
 def _render_study_paired(folder: Path, source: str, datasets: tuple[str, ...] = ("all",)) -> str:
     """BioTune and robust BioTune against random search and full fine-tuning (``all``: every cell)."""
-    paired = pd.read_csv(folder / "paired.csv")
-    made = json.loads((folder / "provenance.json").read_text())
-    lines = PAIRED_HEADER + _paired_lines(paired, list(datasets))
-    return "\n".join(lines) + "\n\n" + stamp(f"{source}/paired.csv", made)
+    lines = PAIRED_HEADER + _paired_lines(pd.read_csv(folder / "paired.csv"), list(datasets))
+    return "\n".join(lines) + "\n\n" + _study_stamp(folder, source, "paired.csv")
 
 
 def _render_study_paired_per_dataset(folder: Path, source: str) -> str:
@@ -228,22 +230,19 @@ def refresh(write: bool, root: Path = ROOT) -> list[str]:
     stale = []
     for document in documents(root):
         text = document.read_text()
-        new = BLOCK.sub(lambda match: match.group(1) + generated(match["name"], root) + "\n" + match.group(4), text)
-        stale += [f"{document.relative_to(root)}: {name}" for name, old, fresh in _blocks(text, new) if old != fresh]
-        if write and new != text:
-            document.write_text(new)
+        fresh = {match["name"]: generated(match["name"], root) + "\n" for match in BLOCK.finditer(text)}
+        changed = [match["name"] for match in BLOCK.finditer(text) if match["body"] != fresh[match["name"]]]
+        stale += [f"{document.relative_to(root)}: {name}" for name in changed]
+        if write and changed:
+            document.write_text(BLOCK.sub(lambda match, fresh=fresh: match.group(1) + fresh[match["name"]]
+                                          + match.group(4), text))
     return stale
-
-
-def _blocks(text: str, new: str) -> list[tuple[str, str, str]]:
-    """(name, body before, body after) of each table block."""
-    return [(old["name"], old["body"], fresh["body"]) for old, fresh in zip(BLOCK.finditer(text), BLOCK.finditer(new))]
 
 
 def reproduce(name: str) -> int:
     """Rerun a table's command; print the published and new values side by side; for an exact
     table, 1 when any differs."""
-    table = TABLES[name] if name in TABLES else None
+    table = TABLES.get(name)
     if table is None or table.rerun is None:
         rerunnable = [n for n, t in TABLES.items() if t.rerun is not None]
         print(f"biotune: error: no rerunnable table {name!r}; these are: {', '.join(rerunnable)} "
